@@ -1,0 +1,1 @@
+"""Networks, shared transforms, training, evaluation and shipped weights for cxrnode."""

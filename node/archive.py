@@ -1,0 +1,85 @@
+"""The on-disk archive: received objects and results, written atomically.
+
+Layout under ``data_dir``::
+
+    archive/tmp/                         partial writes; never read
+    archive/received/<study>/<sop>.dcm   objects as received (bytes untouched)
+    archive/results/<job>/seg.dcm        the Segmentation made for a job
+    archive/results/<job>/sr.dcm         the Structured Report made for a job
+
+A file appears under its final name only after its bytes are on disk (write to ``tmp/``,
+fsync, rename, fsync the folder). Folders are 0700 and files 0600: readable by the service
+user only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class UnsafeUID(ValueError):
+    """A UID that is not a valid DICOM UID (and so cannot name a file)."""
+
+
+def check_uid(uid: str) -> str:
+    if not (0 < len(uid) <= 64 and _UID.match(uid)):
+        raise UnsafeUID(f"{uid[:80]!r} is not a valid DICOM UID")
+    return uid
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Archive:
+    """Paths and atomic writes under ``<data_dir>/archive``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir / "archive"
+        self.tmp = self.root / "tmp"
+        for folder in (data_dir, self.root, self.tmp):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def received_path(self, study_instance_uid: str, sop_instance_uid: str) -> Path:
+        return self.root / "received" / check_uid(study_instance_uid) / f"{check_uid(sop_instance_uid)}.dcm"
+
+    def results_dir(self, job_id: int) -> Path:
+        return self.root / "results" / str(int(job_id))
+
+    def write_atomic(self, path: Path, data: bytes | memoryview) -> int:
+        """Write ``data`` to ``path`` so that it is either complete or absent; returns its size."""
+        self._make_dirs(path.parent)
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp_name, 0o600)
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+        return len(data)
+
+    def _make_dirs(self, folder: Path) -> None:
+        missing = []
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
+        for item in reversed(missing):
+            item.mkdir(mode=0o700, exist_ok=True)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free

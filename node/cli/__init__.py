@@ -1,0 +1,1 @@
+"""The ``cxrnode`` command line."""

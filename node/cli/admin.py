@@ -1,0 +1,149 @@
+"""Operator commands: ``status``, ``jobs list|show|retry``, ``echo``."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from typing import Any
+
+from node.cli.render import age, emit, iso, table
+from node.errors import NodeError
+from node.queue import repository
+from node.queue.db import Database
+from node.queue.states import JobStatus
+from node.queue.tables import Job
+from node.settings import load_settings
+
+
+def _db(args: argparse.Namespace) -> Database:
+    settings = load_settings(args.config)
+    if not (settings.data_path / "queue.sqlite3").exists():
+        raise NodeError(f"no queue database in {settings.data_path} (has the node run yet?)")
+    return Database(settings.data_path)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = repository.queue_status(_db(args))
+    data = {
+        "counts": status.counts,
+        "oldest_waiting_at": iso(status.oldest_waiting_at),
+        "oldest_waiting_age_s": None if status.oldest_waiting_at is None else
+        round((datetime.now(UTC) - status.oldest_waiting_at).total_seconds(), 1),
+        "last_error": status.last_error,
+        "last_error_job_id": status.last_error_job_id,
+    }
+    human = table(["state", "jobs"], list(status.counts.items()))
+    human += f"\n\noldest waiting job: {age(status.oldest_waiting_at)}"
+    if status.last_error:
+        human += f"\nlast error (job {status.last_error_job_id}): {status.last_error}"
+    emit(data, args.json, human)
+    return 0
+
+
+def _job_summary(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "status": job.status,
+        "sop_instance_uid": job.instance.sop_instance_uid,
+        "study_instance_uid": job.instance.study_instance_uid,
+        "calling_ae_title": job.instance.calling_ae_title,
+        "attempts": job.attempts,
+        "tb_score": job.tb_score,
+        "received_at": iso(job.instance.received_at),
+        "updated_at": iso(job.updated_at),
+        "fail_stage": job.fail_stage,
+        "last_error": job.last_error,
+        "discard_reason": job.discard_reason,
+    }
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    state = JobStatus(args.state) if args.state else None
+    jobs = repository.list_jobs(_db(args), state, limit=args.limit)
+    data = [_job_summary(j) for j in jobs]
+    rows = [(j.id, j.status, j.attempts, "-" if j.tb_score is None else f"{j.tb_score:.3f}",
+             age(j.instance.received_at), (j.last_error or j.discard_reason or "")[:60])
+            for j in jobs]
+    emit(data, args.json, table(["id", "state", "tries", "tb", "age", "note"], rows))
+    return 0
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> int:
+    try:
+        job = repository.get_job(_db(args), args.id)
+    except repository.JobNotFound:
+        raise NodeError(f"no job {args.id}") from None
+    data = _job_summary(job) | {
+        "seg_sop_instance_uid": job.seg_sop_instance_uid,
+        "sr_sop_instance_uid": job.sr_sop_instance_uid,
+        "started_at": iso(job.started_at), "encoded_at": iso(job.encoded_at),
+        "finished_at": iso(job.finished_at),
+        "deliveries": [{"destination": d.destination, "attempts": d.attempts,
+                        "delivered_at": iso(d.delivered_at), "last_error": d.last_error}
+                       for d in job.deliveries],
+        "steps": [{"at": iso(e.at), "step": e.step, "outcome": e.outcome,
+                   "from": e.from_status, "to": e.to_status, "message": e.message}
+                  for e in job.events],
+    }
+    head = "\n".join(f"{k}: {'-' if v is None else v}" for k, v in _job_summary(job).items())
+    steps = table(["at", "step", "outcome", "state", "message"],
+                  [(iso(e.at), e.step, e.outcome,
+                    f"{e.from_status or ''}->{e.to_status}" if e.to_status else "", e.message)
+                   for e in job.events])
+    emit(data, args.json, f"{head}\n\n{steps}")
+    return 0
+
+
+def cmd_jobs_retry(args: argparse.Namespace) -> int:
+    db = _db(args)
+    if args.all_failed:
+        ids = repository.failed_job_ids(db)
+    elif args.id is not None:
+        ids = [args.id]
+    else:
+        raise NodeError("give a job id or --all-failed")
+    done = {}
+    for job_id in ids:
+        try:
+            done[job_id] = str(repository.retry(db, job_id))
+        except repository.JobNotFound:
+            raise NodeError(f"no job {job_id}") from None
+        except Exception as exc:  # InvalidTransition: e.g. a job that is done
+            raise NodeError(f"job {job_id}: {exc}") from None
+    emit({str(k): v for k, v in done.items()}, args.json,
+         "\n".join(f"job {k}: back to {v}" for k, v in done.items()) or "no failed jobs")
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from node.sender import scu
+
+    settings = load_settings(args.config)
+    dest = settings.destination(args.destination)
+    status = scu.echo(dest, settings.node.ae_title)
+    ok = status == 0
+    emit({"destination": dest.name, "status": status, "ok": ok}, args.json,
+         f"C-ECHO {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): "
+         f"{'success' if ok else f'status 0x{status:04X}'}")
+    return 0 if ok else 1
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("status", parents=[common], help="jobs per state, oldest waiting, last error")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("echo", parents=[common], help="C-ECHO a configured destination")
+    p.add_argument("destination", help="destination name or AE title")
+    p.set_defaults(func=cmd_echo)
+    jobs = sub.add_parser("jobs", help="list, inspect and retry jobs").add_subparsers(
+        dest="jobs_command", required=True, metavar="ACTION")
+    p = jobs.add_parser("list", parents=[common], help="recent jobs")
+    p.add_argument("--state", choices=[s.value for s in JobStatus])
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_jobs_list)
+    p = jobs.add_parser("show", parents=[common], help="one job with every step")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_jobs_show)
+    p = jobs.add_parser("retry", parents=[common], help="send again / analyse again")
+    p.add_argument("id", type=int, nargs="?")
+    p.add_argument("--all-failed", action="store_true", help="every failed job")
+    p.set_defaults(func=cmd_jobs_retry)

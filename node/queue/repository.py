@@ -1,0 +1,375 @@
+"""Every read and write of the queue goes through here: enqueue, claim, transitions, queries.
+
+Each function opens its own short transaction. State changes go through :func:`_move`, which
+checks the state machine (:mod:`node.queue.states`) and appends a :class:`JobEvent`, so the
+event history is the audit trail of every job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, selectinload
+
+from node.queue.db import Database
+from node.queue.states import LEASED, FailStage, JobStatus, check_transition
+from node.queue.tables import Delivery, Instance, Job, JobEvent, utcnow
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What the SCP knows about an archived object when it enqueues it."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size_bytes: int
+    calling_ae_title: str
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    job_id: int
+    duplicate: bool
+
+
+class JobNotFound(LookupError):
+    """No job has that id."""
+
+
+class LeaseLost(RuntimeError):
+    """The job is no longer held by this worker (its lease expired and it was reclaimed)."""
+
+
+def _event(session: Session, job: Job, step: str, outcome: str, message: str = "",
+           *, from_status: str | None = None, to_status: str | None = None) -> None:
+    session.add(JobEvent(job_id=job.id, step=step, outcome=outcome, message=message,
+                         from_status=from_status, to_status=to_status, at=utcnow()))
+
+
+def _move(session: Session, job: Job, new: JobStatus, step: str, outcome: str,
+          message: str = "") -> None:
+    old = job.status
+    check_transition(old, new)
+    job.status = new
+    job.updated_at = utcnow()
+    if new not in LEASED:
+        job.lease_owner = None
+        job.lease_expires_at = None
+    _event(session, job, step, outcome, message, from_status=old, to_status=new)
+
+
+def _held(session: Session, job_id: int, owner: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFound(job_id)
+    if job.status not in LEASED or job.lease_owner != owner:
+        raise LeaseLost(f"job {job_id} is no longer held by {owner}")
+    return job
+
+
+def enqueue(db: Database, received: ReceivedInstance) -> EnqueueResult:
+    """Record an archived instance and queue its job, in one transaction.
+
+    A SOP Instance UID seen before is not queued again; the existing job gets an event.
+    """
+    with db.session() as session:
+        existing = session.scalar(
+            select(Instance).where(Instance.sop_instance_uid == received.sop_instance_uid)
+        )
+        if existing is not None:
+            _event(session, existing.job, "receive", "duplicate",
+                   f"received again from {received.calling_ae_title}; not processed twice")
+            return EnqueueResult(existing.job.id, duplicate=True)
+        instance = Instance(**received.__dict__, received_at=utcnow())
+        job = Job(instance=instance, status=JobStatus.QUEUED, next_attempt_at=utcnow(),
+                  created_at=utcnow(), updated_at=utcnow())
+        session.add_all([instance, job])
+        session.flush()
+        _event(session, job, "receive", "ok", f"stored from {received.calling_ae_title}",
+               to_status=JobStatus.QUEUED)
+        return EnqueueResult(job.id, duplicate=False)
+
+
+def claim(db: Database, ready: JobStatus, leased: JobStatus, owner: str,
+          lease_s: float) -> int | None:
+    """Atomically take the oldest due job in state ``ready`` and lease it; None if none is due."""
+    check_transition(ready, leased)
+    now = utcnow()
+    with db.session() as session:
+        candidate = (
+            select(Job.id)
+            .where(Job.status == ready, Job.next_attempt_at <= now)
+            .order_by(Job.next_attempt_at, Job.id)
+            .limit(1)
+        )
+        if session.bind is not None and session.bind.dialect.name == "postgresql":
+            candidate = candidate.with_for_update(skip_locked=True)
+        stmt = (
+            update(Job)
+            .where(Job.id == candidate.scalar_subquery(), Job.status == ready)
+            .values(status=leased, lease_owner=owner, updated_at=now,
+                    lease_expires_at=now + timedelta(seconds=lease_s))
+            .returning(Job.id)
+        )
+        job_id = session.execute(stmt).scalar()
+        if job_id is None:
+            return None
+        job = session.get(Job, job_id)
+        assert job is not None
+        if leased == JobStatus.PROCESSING:
+            job.attempts += 1
+            job.started_at = job.started_at or now
+        _event(session, job, "claim", "ok", f"claimed by {owner}", from_status=ready,
+               to_status=leased)
+        return job_id
+
+
+def renew_lease(db: Database, job_id: int, owner: str, lease_s: float) -> None:
+    """Extend the lease of a job this worker holds; raises LeaseLost if it is gone."""
+    with db.session() as session:
+        job = _held(session, job_id, owner)
+        job.lease_expires_at = utcnow() + timedelta(seconds=lease_s)
+
+
+def instance_of(db: Database, job_id: int) -> Instance:
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job.instance
+
+
+def note(db: Database, job_id: int, step: str, outcome: str, message: str = "") -> None:
+    """Record a step that does not change the state (e.g. ``infer ok 1.2 s``)."""
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        _event(session, job, step, outcome, message)
+
+
+def mark_discarded(db: Database, job_id: int, owner: str, reason: str) -> None:
+    with db.session() as session:
+        job = _held(session, job_id, owner)
+        job.discard_reason = reason
+        job.finished_at = utcnow()
+        _move(session, job, JobStatus.DISCARDED, "select", "discarded", reason)
+
+
+@dataclass(frozen=True)
+class EncodedResults:
+    tb_score: float
+    seg_path: str
+    sr_path: str
+    seg_sop_instance_uid: str
+    sr_sop_instance_uid: str
+
+
+def mark_encoded(db: Database, job_id: int, owner: str, results: EncodedResults,
+                 destinations: list[str]) -> None:
+    """Results are in the archive: record them and one pending delivery per destination."""
+    with db.session() as session:
+        job = _held(session, job_id, owner)
+        for key, value in results.__dict__.items():
+            setattr(job, key, value)
+        job.encoded_at = utcnow()
+        job.next_attempt_at = utcnow()
+        job.last_error = None
+        known = {d.destination for d in job.deliveries}
+        for name in destinations:
+            if name not in known:
+                session.add(Delivery(job_id=job.id, destination=name))
+        _move(session, job, JobStatus.ENCODED, "encode", "ok",
+              f"SEG and SR written; TB score {results.tb_score:.3f}")
+        if not destinations:
+            _move(session, job, JobStatus.SENDING, "send", "skipped", "no destinations configured")
+            job.finished_at = utcnow()
+            _move(session, job, JobStatus.DONE, "send", "skipped", "no destinations configured")
+
+
+def fail_attempt(db: Database, job_id: int, owner: str, error: str, *, max_attempts: int,
+                 retry_delay_s: float) -> JobStatus:
+    """An inference attempt failed: queue it again later, or fail it when attempts are used up."""
+    with db.session() as session:
+        job = _held(session, job_id, owner)
+        job.last_error = error
+        if job.attempts >= max_attempts:
+            job.fail_stage = FailStage.INFERENCE
+            job.finished_at = utcnow()
+            _move(session, job, JobStatus.FAILED, "infer", "failed",
+                  f"attempt {job.attempts}/{max_attempts}: {error}")
+        else:
+            job.next_attempt_at = utcnow() + timedelta(seconds=retry_delay_s)
+            _move(session, job, JobStatus.QUEUED, "infer", "retry",
+                  f"attempt {job.attempts}/{max_attempts}: {error}")
+        return JobStatus(job.status)
+
+
+def pending_deliveries(db: Database, job_id: int) -> list[str]:
+    """Destinations that do not yet have this job's results."""
+    with db.session() as session:
+        rows = session.scalars(
+            select(Delivery.destination).where(Delivery.job_id == job_id,
+                                               Delivery.delivered_at.is_(None))
+        )
+        return list(rows)
+
+
+def record_delivery(db: Database, job_id: int, destination: str, error: str | None) -> int:
+    """Record one send attempt to ``destination``; returns its attempt count."""
+    with db.session() as session:
+        delivery = session.scalar(
+            select(Delivery).where(Delivery.job_id == job_id, Delivery.destination == destination)
+        )
+        if delivery is None:
+            delivery = Delivery(job_id=job_id, destination=destination, attempts=0)
+            session.add(delivery)
+        delivery.attempts += 1
+        job = session.get(Job, job_id)
+        assert job is not None
+        if error is None:
+            delivery.delivered_at = utcnow()
+            delivery.last_error = None
+            _event(session, job, "send", "ok", f"stored at {destination}")
+        else:
+            delivery.last_error = error
+            _event(session, job, "send", "error",
+                   f"{destination} attempt {delivery.attempts}: {error}")
+        return delivery.attempts
+
+
+def finish_sending(db: Database, job_id: int, owner: str, *, max_attempts: int,
+                   delay_s: float, give_up: bool = False) -> JobStatus:
+    """After a send round: done if every destination has the results, else retry or fail.
+
+    ``give_up`` fails the job at once (a permanent error such as a refused SOP class).
+    """
+    with db.session() as session:
+        job = _held(session, job_id, owner)
+        pending = [d for d in job.deliveries if d.delivered_at is None]
+        if not pending:
+            job.finished_at = utcnow()
+            job.last_error = None
+            _move(session, job, JobStatus.DONE, "send", "ok", "results at every destination")
+        elif give_up or max(d.attempts for d in pending) >= max_attempts:
+            job.fail_stage = FailStage.SEND
+            job.last_error = "; ".join(f"{d.destination}: {d.last_error}" for d in pending)
+            job.finished_at = utcnow()
+            _move(session, job, JobStatus.FAILED, "send", "failed",
+                  f"gave up after {max(d.attempts for d in pending)} attempt(s): {job.last_error}")
+        else:
+            job.last_error = "; ".join(f"{d.destination}: {d.last_error}" for d in pending)
+            job.next_attempt_at = utcnow() + timedelta(seconds=delay_s)
+            _move(session, job, JobStatus.ENCODED, "send", "retry",
+                  f"next attempt in {delay_s:g} s")
+        return JobStatus(job.status)
+
+
+def reap_expired(db: Database, *, max_attempts: int) -> list[int]:
+    """Return jobs whose lease expired to the queue (or fail them once attempts are used up)."""
+    now = utcnow()
+    reaped: list[int] = []
+    with db.session() as session:
+        jobs = session.scalars(
+            select(Job).where(Job.status.in_([s.value for s in LEASED]),
+                              Job.lease_expires_at < now)
+        ).all()
+        for job in jobs:
+            owner = job.lease_owner
+            job.next_attempt_at = now
+            if job.status == JobStatus.SENDING:
+                _move(session, job, JobStatus.ENCODED, "reap", "retry",
+                      f"lease of {owner} expired")
+            elif job.attempts >= max_attempts:
+                job.fail_stage = FailStage.INFERENCE
+                job.last_error = f"lease of {owner} expired on attempt {job.attempts}"
+                job.finished_at = now
+                _move(session, job, JobStatus.FAILED, "reap", "failed", job.last_error)
+            else:
+                _move(session, job, JobStatus.QUEUED, "reap", "retry", f"lease of {owner} expired")
+            reaped.append(job.id)
+    return reaped
+
+
+def retry(db: Database, job_id: int) -> JobStatus:
+    """Admin retry of a failed or discarded job: resend if results exist, else re-analyse."""
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        has_results = job.seg_path is not None and job.sr_path is not None
+        target = JobStatus.ENCODED if job.status == JobStatus.FAILED and has_results \
+            else JobStatus.QUEUED
+        check_transition(job.status, target)
+        job.attempts = 0
+        job.next_attempt_at = utcnow()
+        job.fail_stage = None
+        job.discard_reason = None
+        job.finished_at = None
+        for delivery in job.deliveries:
+            if delivery.delivered_at is None:
+                delivery.attempts = 0
+        _move(session, job, target, "retry", "ok", "retried by an operator")
+        return target
+
+
+def failed_job_ids(db: Database) -> list[int]:
+    with db.session() as session:
+        return list(session.scalars(select(Job.id).where(Job.status == JobStatus.FAILED)))
+
+
+# ----- queries for the CLI -----
+
+@dataclass(frozen=True)
+class QueueStatus:
+    counts: dict[str, int]
+    oldest_waiting_at: datetime | None
+    last_error: str | None
+    last_error_job_id: int | None
+
+
+def queue_status(db: Database) -> QueueStatus:
+    with db.session() as session:
+        counts = {s.value: 0 for s in JobStatus}
+        for status, n in session.execute(select(Job.status, func.count()).group_by(Job.status)):
+            counts[status] = n
+        waiting = [JobStatus.QUEUED, JobStatus.PROCESSING, JobStatus.ENCODED, JobStatus.SENDING]
+        oldest = session.scalar(select(func.min(Job.created_at)).where(Job.status.in_(waiting)))
+        last = session.execute(
+            select(Job.id, Job.last_error).where(Job.last_error.is_not(None))
+            .order_by(Job.updated_at.desc()).limit(1)
+        ).first()
+        return QueueStatus(counts, oldest, last[1] if last else None, last[0] if last else None)
+
+
+def list_jobs(db: Database, status: JobStatus | None = None, limit: int = 100) -> list[Job]:
+    with db.session() as session:
+        stmt = select(Job).options(selectinload(Job.instance)).order_by(Job.id.desc()).limit(limit)
+        if status is not None:
+            stmt = stmt.where(Job.status == status)
+        return list(session.scalars(stmt))
+
+
+def get_job(db: Database, job_id: int) -> Job:
+    with db.session() as session:
+        job = session.scalar(
+            select(Job).where(Job.id == job_id).options(
+                selectinload(Job.instance), selectinload(Job.events),
+                selectinload(Job.deliveries))
+        )
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+
+def instance_exists(db: Database, sop_instance_uid: str) -> bool:
+    with db.session() as session:
+        return session.scalar(
+            select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
+        ) is not None

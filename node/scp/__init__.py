@@ -1,0 +1,1 @@
+"""The C-STORE / C-ECHO listener."""

@@ -1,0 +1,1 @@
+"""Sending results to the destinations (C-STORE SCU) with retries."""

@@ -1,0 +1,367 @@
+"""One typed, frozen settings object: TOML file, then ``CXRNODE_*`` environment variables.
+
+Precedence (lowest first): the defaults written in the dataclasses below, the TOML file,
+environment variables named ``CXRNODE_<SECTION>_<KEY>`` (for example
+``CXRNODE_NODE_PORT=11113`` or ``CXRNODE_WORKER_DEVICE=cpu``). ``CXRNODE_CONFIG`` names the
+file when ``--config`` is not given. Destinations come only from the file.
+
+Everything is validated when it loads: an unknown key, a wrong type, an AE title over 16
+characters or a port out of range raises :class:`SettingsError` whose message names the key,
+so a bad config stops start-up before anything listens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.errors import SettingsError
+
+ENV_PREFIX = "CXRNODE_"
+CONFIG_ENV = "CXRNODE_CONFIG"
+
+_AE_TITLE_CHARS = re.compile(r"^[\x20-\x5b\x5d-\x7e]+$")  # default character repertoire, no backslash
+
+
+def check_ae_title(key: str, value: str) -> str:
+    """Return ``value`` if it is a valid AE title, else raise naming ``key``."""
+    if not value.strip():
+        raise SettingsError(f"{key}: an AE title may not be empty")
+    if len(value) > 16:
+        raise SettingsError(f"{key}: AE title {value!r} is longer than 16 characters")
+    if not _AE_TITLE_CHARS.match(value):
+        raise SettingsError(f"{key}: AE title {value!r} has characters DICOM does not allow")
+    return value
+
+
+def check_port(key: str, value: int, *, allow_zero: bool = False) -> int:
+    """Return ``value`` if it is a TCP port, else raise naming ``key``."""
+    low = 0 if allow_zero else 1
+    if not low <= value <= 65535:
+        raise SettingsError(f"{key}: port {value} is outside {low}..65535")
+    return value
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise SettingsError(f"{key}: must be greater than 0, got {value}")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The DICOM listener: identity, address, storage."""
+
+    ae_title: str = "CXRNODE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    data_dir: str = "var"
+    allowed_calling_ae_titles: tuple[str, ...] = ()
+    max_pdu_size: int = 1_048_576
+    network_timeout_s: float = 60.0
+    min_free_disk_mb: int = 1024
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        check_ae_title("node.ae_title", self.ae_title)
+        check_port("node.port", self.port, allow_zero=True)
+        for title in self.allowed_calling_ae_titles:
+            check_ae_title("node.allowed_calling_ae_titles", title)
+        if self.max_pdu_size < 0:
+            raise SettingsError("node.max_pdu_size: may not be negative")
+        _positive("node.network_timeout_s", self.network_timeout_s)
+        if self.min_free_disk_mb < 0:
+            raise SettingsError("node.min_free_disk_mb: may not be negative")
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise SettingsError(f"node.log_level: unknown level {self.log_level!r}")
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """Optional DICOM TLS for the listener."""
+
+    enabled: bool = False
+    certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    require_client_certificate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.enabled and not (self.certificate and self.private_key):
+            raise SettingsError("tls.certificate/tls.private_key: required when tls.enabled")
+        if self.enabled and self.require_client_certificate and not self.ca_certificates:
+            raise SettingsError("tls.ca_certificates: required when client certificates are required")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Inference worker: model choice, device, leases and retries."""
+
+    enabled: bool = True
+    architecture: str = "unet"
+    device: str = "auto"
+    poll_interval_s: float = 1.0
+    lease_s: float = 600.0
+    max_attempts: int = 3
+    retry_delay_s: float = 30.0
+    tb_threshold: float = -1.0
+
+    def __post_init__(self) -> None:
+        if self.architecture not in {"unet", "resunet"}:
+            raise SettingsError(f"worker.architecture: {self.architecture!r} is not unet or resunet")
+        if self.device not in {"auto", "cpu", "cuda"} and not self.device.startswith("cuda:"):
+            raise SettingsError(f"worker.device: {self.device!r} is not auto, cpu or cuda[:N]")
+        _positive("worker.poll_interval_s", self.poll_interval_s)
+        _positive("worker.lease_s", self.lease_s)
+        if self.max_attempts < 1:
+            raise SettingsError("worker.max_attempts: must be at least 1")
+        if self.retry_delay_s < 0:
+            raise SettingsError("worker.retry_delay_s: may not be negative")
+        if self.tb_threshold != -1.0 and not 0.0 <= self.tb_threshold <= 1.0:
+            raise SettingsError("worker.tb_threshold: must be in 0..1, or -1 for the model's own")
+
+
+@dataclass(frozen=True)
+class SendSettings:
+    """C-STORE SCU of results: attempts and backoff."""
+
+    max_attempts: int = 6
+    backoff_s: tuple[float, ...] = (10.0, 30.0, 60.0, 300.0, 900.0)
+    timeout_s: float = 30.0
+    poll_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise SettingsError("send.max_attempts: must be at least 1")
+        if not self.backoff_s:
+            raise SettingsError("send.backoff_s: needs at least one delay")
+        if any(d < 0 for d in self.backoff_s):
+            raise SettingsError("send.backoff_s: delays may not be negative")
+        _positive("send.timeout_s", self.timeout_s)
+        _positive("send.poll_interval_s", self.poll_interval_s)
+
+    def delay_after(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        return self.backoff_s[min(attempt, len(self.backoff_s)) - 1]
+
+
+@dataclass(frozen=True)
+class AcceptanceSettings:
+    """Which received objects are analysed; the rest are archived and discarded with a reason."""
+
+    modalities: tuple[str, ...] = ("CR", "DX")
+    body_parts: tuple[str, ...] = ("CHEST", "THORAX", "LUNG")
+    allow_missing_body_part: bool = True
+    view_positions: tuple[str, ...] = ("PA", "AP")
+    allow_missing_view_position: bool = True
+    min_rows: int = 256
+    min_columns: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.modalities:
+            raise SettingsError("acceptance.modalities: needs at least one modality")
+        if self.min_rows < 1 or self.min_columns < 1:
+            raise SettingsError("acceptance.min_rows/min_columns: must be at least 1")
+
+
+@dataclass(frozen=True)
+class HousekeepingSettings:
+    """Scheduled jobs inside ``serve``."""
+
+    reap_interval_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _positive("housekeeping.reap_interval_s", self.reap_interval_s)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM peer that receives the SEG and the SR."""
+
+    ae_title: str
+    host: str
+    port: int
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        check_ae_title("destinations.ae_title", self.ae_title)
+        check_port("destinations.port", self.port)
+        if not self.host:
+            raise SettingsError("destinations.host: may not be empty")
+        if not self.name:
+            object.__setattr__(self, "name", self.ae_title)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the node needs, validated; handed down explicitly to each component."""
+
+    node: NodeSettings = field(default_factory=NodeSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    send: SendSettings = field(default_factory=SendSettings)
+    acceptance: AcceptanceSettings = field(default_factory=AcceptanceSettings)
+    housekeeping: HousekeepingSettings = field(default_factory=HousekeepingSettings)
+    destinations: tuple[Destination, ...] = ()
+    source: str = "<defaults>"
+
+    def __post_init__(self) -> None:
+        names = [d.name for d in self.destinations]
+        if len(names) != len(set(names)):
+            raise SettingsError("destinations.name: destination names must be unique")
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.node.data_dir)
+
+    def destination(self, name: str) -> Destination:
+        """The destination called ``name`` (or with that AE title)."""
+        for dest in self.destinations:
+            if name in (dest.name, dest.ae_title):
+                return dest
+        known = ", ".join(d.name for d in self.destinations) or "none configured"
+        raise SettingsError(f"unknown destination {name!r} (known: {known})")
+
+
+_SECTIONS: dict[str, type] = {
+    "node": NodeSettings,
+    "tls": TlsSettings,
+    "worker": WorkerSettings,
+    "send": SendSettings,
+    "acceptance": AcceptanceSettings,
+    "housekeeping": HousekeepingSettings,
+}
+
+
+def _coerce(key: str, annotation: Any, value: Any) -> Any:
+    """Check ``value`` against a field annotation (str, int, float, bool, tuple[...])."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise SettingsError(f"{key}: expected a list, got {value!r}")
+        (item_type, _) = typing.get_args(annotation)
+        return tuple(_coerce(key, item_type, v) for v in value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise SettingsError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SettingsError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SettingsError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise SettingsError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise SettingsError(f"{key}: unsupported setting type {annotation!r}")  # pragma: no cover
+
+
+def _build(cls: type, section: str, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SettingsError(f"{section}.{unknown[0]}: unknown setting")
+    kwargs = {k: _coerce(f"{section}.{k}", hints[k], v) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise SettingsError(f"{section}: {exc}") from None
+
+
+def _parse_env_value(key: str, annotation: Any, raw: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        (item_type, _) = typing.get_args(annotation)
+        return [_parse_env_value(key, item_type, s.strip()) for s in raw.split(",") if s.strip()]
+    if annotation is bool:
+        if raw.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if raw.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise SettingsError(f"{key}: expected true or false, got {raw!r}")
+    try:
+        if annotation is int:
+            return int(raw)
+        if annotation is float:
+            return float(raw)
+    except ValueError:
+        raise SettingsError(f"{key}: {raw!r} is not a number") from None
+    return raw
+
+
+def _env_overrides(env: typing.Mapping[str, str], raw: dict[str, Any]) -> None:
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        section = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
+        if section is None:
+            raise SettingsError(f"{name}: unknown setting (expected CXRNODE_<SECTION>_<KEY>)")
+        key = rest[len(section) + 1:]
+        hints = typing.get_type_hints(_SECTIONS[section])
+        if key not in hints:
+            raise SettingsError(f"{name}: unknown setting {section}.{key}")
+        raw.setdefault(section, {})[key] = _parse_env_value(name, hints[key], value)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None,
+                  env: typing.Mapping[str, str] | None = None) -> Settings:
+    """Load and validate settings from ``path`` (or ``$CXRNODE_CONFIG``) and the environment.
+
+    Raises:
+        SettingsError: the file is missing or malformed, or a value is invalid; the message
+            names the offending key.
+    """
+    env = os.environ if env is None else env
+    path = path or env.get(CONFIG_ENV)
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path:
+        file = Path(path)
+        try:
+            raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SettingsError(f"config file {file} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {file} is not valid TOML: {exc}") from None
+        source = str(file)
+    _env_overrides(env, raw)
+    unknown = sorted(set(raw) - set(_SECTIONS) - {"destinations"})
+    if unknown:
+        raise SettingsError(f"{unknown[0]}: unknown section")
+    sections = {name: _build(cls, name, raw.get(name, {})) for name, cls in _SECTIONS.items()}
+    dest_items = raw.get("destinations", [])
+    if not isinstance(dest_items, list):
+        raise SettingsError("destinations: expected [[destinations]] tables")
+    destinations = tuple(_build(Destination, "destinations", d) for d in dest_items)
+    return Settings(**sections, destinations=destinations, source=source)
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """A plain-dict view of the settings (for ``cxrnode config show``)."""
+    out = dataclasses.asdict(settings)
+    return _tuples_to_lists(out)
+
+
+def _tuples_to_lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _tuples_to_lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tuples_to_lists(v) for v in value]
+    return value
+
+
+__all__ = [
+    "AcceptanceSettings", "Destination", "HousekeepingSettings", "NodeSettings", "SendSettings",
+    "Settings", "SettingsError", "TlsSettings", "WorkerSettings", "load_settings", "describe",
+]

@@ -1,0 +1,113 @@
+"""One radiograph in, a SEG and an SR out: load → select → read pixels → analyse → encode → verify.
+
+Each step is a small function; the networks come from :mod:`models.inference`, the same code
+path ``cxrnode evaluate`` measures.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from node.errors import RejectedInput
+from node.imaging import UnreadablePixels, display_pixels, patient_left_on_image_right, pixel_spacing_mm
+from node.results import verify
+from node.results.algorithm import ResultAlgorithms
+from node.results.measure import lung_areas_mm2
+from node.results.seg import build_segmentation
+from node.results.sr import build_report
+from node.settings import Settings
+from node.worker.selection import rejection_reason
+
+if TYPE_CHECKING:
+    from models.inference import LungAnalysis, LungAnalyzer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Encoded results of one job, ready for the archive."""
+
+    seg_bytes: bytes
+    sr_bytes: bytes
+    seg_sop_instance_uid: str
+    sr_sop_instance_uid: str
+    tb_score: float
+    summary: str
+
+
+def load(path: Path) -> Dataset:
+    """Read an archived object; unreadable files are rejected, not retried."""
+    try:
+        return dcmread(path)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise RejectedInput(f"cannot read the archived object: {exc}") from None
+
+
+def patient_sides(ds: Dataset, analysis: LungAnalysis) -> tuple[np.ndarray, np.ndarray]:
+    """(patient's left lung, patient's right lung) from the image-side masks."""
+    if patient_left_on_image_right(ds):
+        return analysis.image_right, analysis.image_left
+    return analysis.image_left, analysis.image_right
+
+
+class Pipeline:
+    """Holds the loaded networks; ``run`` is called once per job."""
+
+    def __init__(self, settings: Settings, analyzer: LungAnalyzer) -> None:
+        self.settings = settings
+        self.analyzer = analyzer
+        configured = settings.worker.tb_threshold
+        self.tb_threshold = analyzer.tb_threshold if configured < 0 else configured
+
+    @classmethod
+    def load(cls, settings: Settings) -> Pipeline:
+        from models.inference import LungAnalyzer
+
+        analyzer = LungAnalyzer.load(settings.worker.architecture, device=settings.worker.device)
+        log.info("models loaded on %s (%s)", analyzer.device, settings.worker.architecture)
+        return cls(settings, analyzer)
+
+    def run(self, path: Path) -> Outcome:
+        """Analyse the object at ``path``.
+
+        Raises:
+            RejectedInput: outside the acceptance rules, or the pixels cannot be read.
+        """
+        started = time.perf_counter()
+        ds = load(path)
+        reason = rejection_reason(ds, self.settings.acceptance)
+        if reason is not None:
+            raise RejectedInput(reason)
+        try:
+            pixels = display_pixels(ds)
+        except UnreadablePixels as exc:
+            raise RejectedInput(f"unreadable pixel data: {exc}") from None
+        analysis = self.analyzer.analyze(pixels)
+        inferred = time.perf_counter()
+        left, right = patient_sides(ds, analysis)
+        spacing = pixel_spacing_mm(ds)
+        areas = lung_areas_mm2(left, right, spacing) if spacing is not None else None
+        omission = None if spacing is not None else (
+            "no usable Imager Pixel Spacing or Pixel Spacing in the source image")
+        algorithms = ResultAlgorithms.from_model_identities(analysis.segmenter, analysis.tb_model)
+        seg = build_segmentation(ds, left, right, algorithms.segmenter)
+        sr = build_report(ds, seg, tb_score=analysis.tb_score, threshold=self.tb_threshold,
+                          areas_mm2=areas, area_omission_reason=omission, algorithms=algorithms)
+        verify.reread(seg)
+        verify.reread(sr)
+        seg_bytes, sr_bytes = verify.encode(seg), verify.encode(sr)
+        done = time.perf_counter()
+        summary = (f"TB score {analysis.tb_score:.3f} (threshold {self.tb_threshold:.3f}); "
+                   f"inference {inferred - started:.2f} s, encoding {done - inferred:.2f} s")
+        return Outcome(seg_bytes, sr_bytes, str(seg.SOPInstanceUID), str(sr.SOPInstanceUID),
+                       float(analysis.tb_score), summary)

@@ -1,0 +1,81 @@
+"""The worker loop: claim a queued job, run the pipeline under a lease, record the outcome."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+
+from node.archive import Archive
+from node.errors import RejectedInput
+from node.queue import repository
+from node.queue.db import Database
+from node.queue.states import JobStatus
+from node.settings import Settings
+from node.worker.lease import LeaseKeeper
+from node.worker.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+def worker_name(role: str) -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{role}"
+
+
+class InferenceWorker:
+    """Takes queued jobs one at a time until ``stop`` is set."""
+
+    def __init__(self, settings: Settings, db: Database, archive: Archive,
+                 pipeline: Pipeline, stop: threading.Event) -> None:
+        self.settings, self.db, self.archive, self.pipeline = settings, db, archive, pipeline
+        self.stop = stop
+        self.owner = worker_name("infer")
+
+    def run_forever(self) -> None:
+        log.info("inference worker %s started", self.owner)
+        while not self.stop.is_set():
+            if not self.run_once():
+                self.stop.wait(self.settings.worker.poll_interval_s)
+        log.info("inference worker %s stopped", self.owner)
+
+    def run_once(self) -> bool:
+        """Process one due job; False if none was waiting."""
+        cfg = self.settings.worker
+        job_id = repository.claim(self.db, JobStatus.QUEUED, JobStatus.PROCESSING, self.owner,
+                                  cfg.lease_s)
+        if job_id is None:
+            return False
+        instance = repository.instance_of(self.db, job_id)
+        with LeaseKeeper(self.db, job_id, self.owner, cfg.lease_s) as lease:
+            try:
+                outcome = self.pipeline.run(Path(instance.path))
+            except RejectedInput as exc:
+                log.info("job %d discarded: %s", job_id, exc)
+                repository.mark_discarded(self.db, job_id, self.owner, str(exc))
+                return True
+            except Exception as exc:  # noqa: BLE001 - any failure is recorded and retried
+                log.exception("job %d: inference failed", job_id)
+                repository.fail_attempt(self.db, job_id, self.owner,
+                                        f"{type(exc).__name__}: {exc}",
+                                        max_attempts=cfg.max_attempts,
+                                        retry_delay_s=cfg.retry_delay_s)
+                return True
+            if lease.lost.is_set():
+                log.warning("job %d: lease lost; results not recorded", job_id)
+                return True
+            repository.note(self.db, job_id, "infer", "ok", outcome.summary)
+            results_dir = self.archive.results_dir(job_id)
+            seg_path, sr_path = results_dir / "seg.dcm", results_dir / "sr.dcm"
+            self.archive.write_atomic(seg_path, outcome.seg_bytes)
+            self.archive.write_atomic(sr_path, outcome.sr_bytes)
+            repository.mark_encoded(
+                self.db, job_id, self.owner,
+                repository.EncodedResults(
+                    tb_score=outcome.tb_score, seg_path=str(seg_path), sr_path=str(sr_path),
+                    seg_sop_instance_uid=outcome.seg_sop_instance_uid,
+                    sr_sop_instance_uid=outcome.sr_sop_instance_uid),
+                [d.name for d in self.settings.destinations])
+            log.info("job %d encoded (TB score %.3f)", job_id, outcome.tb_score)
+        return True

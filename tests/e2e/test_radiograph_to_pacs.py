@@ -1,0 +1,152 @@
+"""The product's spine, for real: a radiograph reaches cxrnode, its SEG and SR land in Orthanc.
+
+Orthanc (Debian package) is the PACS, dcmtk's ``storescu`` and Orthanc's own C-STORE SCU are the
+senders, the node runs the real networks on the CPU, and dciodvfy checks what comes back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom import dcmread
+
+from tests.dicom_factory import make_dx, nema_chest_cr_path
+from tests.servers import NodeProcess, Orthanc, free_port, wait_until
+from tests.validation import dciodvfy_errors
+
+pytestmark = pytest.mark.e2e
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+RESULT_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def pacs_and_node(tmp_path_factory: pytest.TempPathFactory):
+    work = tmp_path_factory.mktemp("e2e")
+    node_port, http_port, dicom_port = free_port(), free_port(), free_port()
+    orthanc = Orthanc(work / "orthanc", http_port, dicom_port, modalities={
+        "cxrnode": {"AET": "CXRNODE", "Host": "127.0.0.1", "Port": node_port}})
+    orthanc.start()
+    node = NodeProcess(work / "node", node_port, destinations=[
+        {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": dicom_port}])
+    try:
+        node.start()
+        yield orthanc, node
+    finally:
+        if node.proc is not None:
+            node.stop()
+        orthanc.stop()
+
+
+def wait_for_results(orthanc: Orthanc, study_uid: str) -> tuple[bytes, bytes]:
+    """The SEG and SR files filed in ``study_uid``, once both have arrived."""
+    def both() -> tuple[list[str], list[str]] | None:
+        seg, sr = orthanc.series_of_study(study_uid, "SEG"), orthanc.series_of_study(study_uid, "SR")
+        return (seg, sr) if seg and sr else None
+
+    seg_series, sr_series = wait_until(both, RESULT_TIMEOUT_S, what="SEG and SR in Orthanc")
+    assert len(seg_series) == 1 and len(sr_series) == 1
+    (seg,), (sr,) = orthanc.instance_files(seg_series[0]), orthanc.instance_files(sr_series[0])
+    return seg, sr
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
+
+
+def job_for(node: NodeProcess, sop_instance_uid: str) -> dict:
+    listing = node.cli("jobs", "list", "--json")
+    assert listing.returncode == 0, listing.stderr
+    (job,) = [j for j in json.loads(listing.stdout) if j["sop_instance_uid"] == sop_instance_uid]
+    return job
+
+
+def test_nema_chest_cr_sent_with_storescu(pacs_and_node, tmp_path: Path) -> None:
+    orthanc, node = pacs_and_node
+    source = nema_chest_cr_path()
+    ds = dcmread(source)
+    orthanc.upload(source)  # the PACS holds the study the results must file into
+
+    sent = subprocess.run(["storescu", "-aet", "DCMTKSCU", "-aec", node.ae_title,
+                           "127.0.0.1", str(node.port), str(source)],
+                          capture_output=True, text=True, timeout=120)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+
+    seg_bytes, sr_bytes = wait_for_results(orthanc, ds.StudyInstanceUID)
+    assert dciodvfy_errors(seg_bytes) == []
+    assert dciodvfy_errors(sr_bytes) == []
+
+    seg = hd.seg.segread(io.BytesIO(seg_bytes))
+    assert seg.StudyInstanceUID == ds.StudyInstanceUID
+    assert seg.PatientID == ds.PatientID
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Left lung", "Right lung"]
+    lungs = seg.get_pixels_by_source_frame(
+        ds.SOPInstanceUID, source_frame_numbers=[1], segment_numbers=[1, 2],
+        assert_missing_frames_are_empty=True)[0]
+    assert lungs.shape == (ds.Rows, ds.Columns, 2)
+    fraction = lungs.any(axis=-1).mean()
+    assert 0.08 < fraction < 0.5, f"lungs cover {fraction:.1%} of the image"
+
+    sr = hd.sr.srread(io.BytesIO(sr_bytes))
+    assert sr.StudyInstanceUID == ds.StudyInstanceUID
+    # The NEMA CR's Pixel Spacing is 0.000: the areas are left out, with the reason.
+    assert b"Pixel Spacing" in sr_bytes
+
+    job = job_for(node, ds.SOPInstanceUID)
+    assert job["status"] == "done"
+    shown = node.cli("jobs", "show", str(job["id"]), "--json")
+    assert shown.returncode == 0, shown.stderr
+    steps = [(s["step"], s["outcome"]) for s in json.loads(shown.stdout)["steps"]]
+    for expected in [("receive", "ok"), ("claim", "ok"), ("infer", "ok"), ("encode", "ok"),
+                     ("send", "ok")]:
+        assert expected in steps, steps
+    status = node.cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["counts"]["done"] >= 1
+
+
+def test_dx_routed_by_orthanc_matches_reference_mask(pacs_and_node, tmp_path: Path) -> None:
+    orthanc, node = pacs_and_node
+    ds = make_dx(DATA / "MCUCXR_0017_0.png", size=(2048, 2048))
+    path = tmp_path / "dx.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    instance_id = orthanc.upload(path)
+
+    answer = orthanc.post("/modalities/cxrnode/store",
+                          {"Resources": [instance_id], "Synchronous": True})
+    assert answer["InstancesCount"] == 1 and answer["FailedInstancesCount"] == 0
+
+    seg_bytes, sr_bytes = wait_for_results(orthanc, ds.StudyInstanceUID)
+    assert dciodvfy_errors(seg_bytes) == []
+    assert dciodvfy_errors(sr_bytes) == []
+
+    seg = hd.seg.segread(io.BytesIO(seg_bytes))
+    lungs = seg.get_pixels_by_source_frame(
+        ds.SOPInstanceUID, source_frame_numbers=[1], segment_numbers=[1, 2],
+        assert_missing_frames_are_empty=True)[0].astype(bool)
+    patient_left, patient_right = lungs[..., 0], lungs[..., 1]
+    # Standard PA display (PatientOrientation L\F): the patient's left lung is on the image's right.
+    columns = np.arange(ds.Columns)
+    assert (patient_left.sum(axis=0) * columns).sum() / patient_left.sum() > ds.Columns / 2
+    assert (patient_right.sum(axis=0) * columns).sum() / patient_right.sum() < ds.Columns / 2
+
+    union = Image.fromarray((patient_left | patient_right).astype(np.uint8) * 255)
+    predicted = np.asarray(union.resize((512, 512), Image.Resampling.BILINEAR)) > 127
+    reference = np.asarray(Image.open(DATA / "MCUCXR_0017_0_mask.png").convert("L")) > 127
+    assert dice(predicted, reference) >= 0.9
+
+    sr = hd.sr.srread(io.BytesIO(sr_bytes))
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert len(groups) == 2  # one per lung, each with its area
+    for group in groups:
+        (area,) = [m for m in group.get_measurements() if m.name.meaning == "Area"]
+        assert 5_000 < area.value < 60_000  # mm², an adult lung on a 0.175 mm detector
+    assert job_for(node, ds.SOPInstanceUID)["status"] == "done"

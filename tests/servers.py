@@ -1,0 +1,227 @@
+"""Real servers on loopback for the tests: an Orthanc PACS and the cxrnode process itself.
+
+Nothing here is a mock: Orthanc is the Debian ``orthanc`` package, the node is ``python -m node
+serve`` in a subprocess with the real networks on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout_s} s")
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.25, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what} not met after {timeout_s} s")
+
+
+@dataclass
+class Orthanc:
+    """A running Orthanc with REST on ``http_port`` and DICOM on ``dicom_port``."""
+
+    workdir: Path
+    http_port: int
+    dicom_port: int
+    aet: str = "ORTHANC"
+    modalities: dict[str, dict[str, Any]] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> Orthanc:
+        binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+        if not Path(binary).exists():
+            raise RuntimeError("Orthanc is not installed (Debian package 'orthanc'; .ci/run installs it)")
+        db = self.workdir / "db"
+        db.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "CXRNODE-TEST-PACS",
+            "StorageDirectory": str(db), "IndexDirectory": str(db),
+            "HttpServerEnabled": True, "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomServerEnabled": True, "DicomAet": self.aet, "DicomPort": self.dicom_port,
+            "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True, "UnknownSopClassAccepted": False,
+            "DicomModalities": {name: [m["AET"], m["Host"], m["Port"]]
+                                for name, m in self.modalities.items()},
+            "Plugins": [], "StableAge": 1, "LogExportedResources": False,
+        }
+        config_file = self.workdir / "orthanc.json"
+        config_file.write_text(json.dumps(config, indent=2))
+        log = open(self.workdir / "orthanc.log", "wb")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen([binary, str(config_file)], stdout=log, stderr=subprocess.STDOUT)
+        wait_for_port(self.http_port, 30, self.proc)
+        wait_for_port(self.dicom_port, 30, self.proc)
+        wait_until(lambda: self._alive(), 30, what="Orthanc REST")
+        return self
+
+    def _alive(self) -> bool:
+        try:
+            self.get("/system")
+            return True
+        except (urllib.error.URLError, ConnectionError):
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    # --- REST ---
+    def _request(self, method: str, path: str, body: bytes | None = None,
+                 content_type: str = "application/json") -> bytes:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body,
+                                         method=method, headers={"Content-Type": content_type})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.read()
+
+    def get(self, path: str) -> Any:
+        return json.loads(self._request("GET", path))
+
+    def get_bytes(self, path: str) -> bytes:
+        return self._request("GET", path)
+
+    def post(self, path: str, payload: Any) -> Any:
+        return json.loads(self._request("POST", path, json.dumps(payload).encode()))
+
+    def upload(self, dicom_file: Path) -> str:
+        """Store a file through REST; returns its Orthanc instance id."""
+        answer = json.loads(self._request("POST", "/instances", dicom_file.read_bytes(),
+                                          "application/dicom"))
+        return str(answer["ID"])
+
+    def find(self, level: str, query: dict[str, str]) -> list[str]:
+        return list(self.post("/tools/find", {"Level": level, "Query": query}))
+
+    def series_of_study(self, study_instance_uid: str, modality: str) -> list[str]:
+        return self.find("Series", {"StudyInstanceUID": study_instance_uid, "Modality": modality})
+
+    def instance_files(self, series_id: str) -> list[bytes]:
+        return [self.get_bytes(f"/instances/{i['ID']}/file")
+                for i in self.get(f"/series/{series_id}/instances")]
+
+    def delete_all(self) -> None:
+        for patient in self.get("/patients"):
+            self._request("DELETE", f"/patients/{patient}")
+
+
+@dataclass
+class NodeProcess:
+    """``cxrnode serve`` in a subprocess with its own config, data folder and port."""
+
+    workdir: Path
+    port: int
+    destinations: list[dict[str, Any]]
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ae_title: str = "CXRNODE"
+    proc: subprocess.Popen | None = None
+
+    @property
+    def config_file(self) -> Path:
+        return self.workdir / "cxrnode.toml"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "var"
+
+    def write_config(self) -> Path:
+        sections: dict[str, dict[str, Any]] = {
+            "node": {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port,
+                     "data_dir": str(self.data_dir), "min_free_disk_mb": 1},
+            "worker": {"device": "cpu", "poll_interval_s": 0.2},
+            "send": {"poll_interval_s": 0.2, "timeout_s": 10.0, "max_attempts": 3,
+                     "backoff_s": [0.5, 1.0]},
+        }
+        for name, values in self.extra.items():
+            sections.setdefault(name, {}).update(values)
+        lines = []
+        for name, values in sections.items():
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+        for dest in self.destinations:
+            lines.append("[[destinations]]")
+            lines += [f"{k} = {_toml(v)}" for k, v in dest.items()]
+        self.config_file.write_text("\n".join(lines) + "\n")
+        return self.config_file
+
+    def start(self, ready_timeout_s: float = 120) -> NodeProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.write_config()
+        log = open(self.workdir / "node.log", "ab")  # noqa: SIM115 - closed with the process
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CXRNODE_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node", "serve", "--config", str(self.config_file)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        wait_for_port(self.port, ready_timeout_s, self.proc)
+        wait_until(lambda: b"cxrnode ready" in self.log_bytes(), ready_timeout_s,
+                   what="node ready")
+        return self
+
+    def log_bytes(self) -> bytes:
+        path = self.workdir / "node.log"
+        return path.read_bytes() if path.exists() else b""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run ``cxrnode ARGS --config <this node's config>``."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CXRNODE_")}
+        return subprocess.run([sys.executable, "-m", "node", *args, "--config", str(self.config_file)],
+                              capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))

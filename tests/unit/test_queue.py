@@ -1,0 +1,112 @@
+"""Job states, claims, leases, retries: the queue against a real SQLite file."""
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from node.queue import repository as repo
+from node.queue.db import Database
+from node.queue.states import ALLOWED, InvalidTransition, JobStatus, check_transition
+from node.queue.tables import Job
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Database:
+    return Database(tmp_path)
+
+
+def received(n: int = 1) -> repo.ReceivedInstance:
+    return repo.ReceivedInstance(f"1.2.3.{n}", "1.2.840.10008.5.1.4.1.1.1", "1.2.3", "1.2.3.9",
+                                 "1.2.840.10008.1.2.1", f"/x/{n}.dcm", 10, "SCU")
+
+
+RESULTS = repo.EncodedResults(0.5, "/r/seg.dcm", "/r/sr.dcm", "1.2.9.1", "1.2.9.2")
+
+
+def test_every_state_has_a_transition_entry() -> None:
+    assert set(ALLOWED) == set(JobStatus)
+    check_transition("queued", "processing")
+    with pytest.raises(InvalidTransition):
+        check_transition("done", "queued")
+    with pytest.raises(InvalidTransition):
+        check_transition("queued", "done")
+
+
+def test_enqueue_is_idempotent_per_sop_instance_uid(db: Database) -> None:
+    first = repo.enqueue(db, received())
+    again = repo.enqueue(db, received())
+    assert not first.duplicate and again.duplicate and again.job_id == first.job_id
+    job = repo.get_job(db, first.job_id)
+    assert [(e.step, e.outcome) for e in job.events] == [("receive", "ok"), ("receive", "duplicate")]
+
+
+def test_happy_path_records_every_step(db: Database) -> None:
+    job_id = repo.enqueue(db, received()).job_id
+    assert repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "w1", 60) == job_id
+    assert repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "w2", 60) is None
+    repo.mark_encoded(db, job_id, "w1", RESULTS, ["pacs", "backup"])
+    assert repo.claim(db, JobStatus.ENCODED, JobStatus.SENDING, "s1", 60) == job_id
+    repo.record_delivery(db, job_id, "pacs", None)
+    repo.record_delivery(db, job_id, "backup", None)
+    assert repo.finish_sending(db, job_id, "s1", max_attempts=3, delay_s=1) == JobStatus.DONE
+    job = repo.get_job(db, job_id)
+    assert job.status == "done" and job.finished_at is not None and job.attempts == 1
+    assert [e.to_status for e in job.events if e.to_status] == [
+        "queued", "processing", "encoded", "sending", "done"]
+
+
+def test_send_failures_back_off_then_fail_and_retry_resends(db: Database) -> None:
+    job_id = repo.enqueue(db, received()).job_id
+    repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "w", 60)
+    repo.mark_encoded(db, job_id, "w", RESULTS, ["pacs"])
+    for attempt in (1, 2):
+        assert repo.claim(db, JobStatus.ENCODED, JobStatus.SENDING, "s", 60) == job_id
+        assert repo.record_delivery(db, job_id, "pacs", "refused") == attempt
+        status = repo.finish_sending(db, job_id, "s", max_attempts=2, delay_s=0 if attempt == 1 else 99)
+        assert status == (JobStatus.ENCODED if attempt == 1 else JobStatus.FAILED)
+    job = repo.get_job(db, job_id)
+    assert job.fail_stage == "send" and "refused" in job.last_error
+    assert repo.failed_job_ids(db) == [job_id]
+    assert repo.retry(db, job_id) == JobStatus.ENCODED  # results exist: send again, no re-analysis
+    assert repo.claim(db, JobStatus.ENCODED, JobStatus.SENDING, "s", 60) == job_id
+
+
+def test_backoff_delays_the_next_claim(db: Database) -> None:
+    job_id = repo.enqueue(db, received()).job_id
+    repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "w", 60)
+    assert repo.fail_attempt(db, job_id, "w", "boom", max_attempts=3, retry_delay_s=3600) == JobStatus.QUEUED
+    assert repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "w", 60) is None
+
+
+def test_inference_attempts_run_out(db: Database) -> None:
+    job_id = repo.enqueue(db, received()).job_id
+    for _ in range(2):
+        repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "w", 60)
+        last = repo.fail_attempt(db, job_id, "w", "boom", max_attempts=2, retry_delay_s=0)
+    assert last == JobStatus.FAILED
+    assert repo.retry(db, job_id) == JobStatus.QUEUED  # no results yet: analyse again
+
+
+def test_expired_lease_is_reaped_and_the_late_worker_cannot_record(db: Database) -> None:
+    job_id = repo.enqueue(db, received()).job_id
+    repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "dead", 60)
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        job.lease_expires_at = job.lease_expires_at - timedelta(seconds=120)
+    assert repo.reap_expired(db, max_attempts=3) == [job_id]
+    assert repo.get_job(db, job_id).status == "queued"
+    with pytest.raises(repo.LeaseLost):
+        repo.mark_encoded(db, job_id, "dead", RESULTS, ["pacs"])
+    assert repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "alive", 60) == job_id
+
+
+def test_discarded_job_and_status_counts(db: Database) -> None:
+    a = repo.enqueue(db, received(1)).job_id
+    repo.enqueue(db, received(2))
+    repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "w", 60)
+    repo.mark_discarded(db, a, "w", "ViewPosition LL is not one of PA, AP")
+    status = repo.queue_status(db)
+    assert status.counts["discarded"] == 1 and status.counts["queued"] == 1
+    assert status.oldest_waiting_at is not None
+    assert repo.get_job(db, a).discard_reason.startswith("ViewPosition LL")

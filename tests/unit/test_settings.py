@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import pytest
+
+from node.errors import SettingsError
+from node.settings import load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_config_loads_with_documented_keys() -> None:
+    settings = load_settings(REPO / "config" / "cxrnode.toml", env={})
+    assert settings.node.ae_title == "CXRNODE"
+    assert settings.node.port == 11112
+    assert settings.node.data_dir == "var"
+    (dest,) = settings.destinations
+    assert (dest.ae_title, dest.host, dest.port) == ("ORTHANC", "127.0.0.1", 4242)
+
+
+def test_shipped_config_lists_every_setting() -> None:
+    """Every field of every section appears in config/cxrnode.toml (the documented defaults)."""
+    import dataclasses
+    import tomllib
+
+    from node.settings import _SECTIONS
+
+    shipped = tomllib.loads((REPO / "config" / "cxrnode.toml").read_text())
+    for name, cls in _SECTIONS.items():
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert set(shipped[name]) == fields, name
+        assert load_settings(REPO / "config" / "cxrnode.toml", env={}).__getattribute__(name) == cls()
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ('[node]\nae_title = "THIS_TITLE_IS_TOO_LONG"\n', "node.ae_title"),
+    ("[node]\nport = 70000\n", "node.port"),
+    ("[node]\nportt = 4\n", "node.portt"),
+    ('[nodes]\nport = 4\n', "nodes"),
+    ('[node]\nport = "x"\n', "node.port"),
+    ('[[destinations]]\nae_title = "A"\nhost = "h"\nport = 0\n', "destinations.port"),
+    ('[[destinations]]\nae_title = "A"\nport = 1\n', "destinations"),
+    ('[worker]\narchitecture = "vit"\n', "worker.architecture"),
+    ('[send]\nbackoff_s = []\n', "send.backoff_s"),
+])
+def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(SettingsError, match=key.replace(".", r"\.")):
+        load_settings(write(tmp_path, text), env={})
+
+
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[node]\nport = 4000\n")
+    settings = load_settings(path, env={"CXRNODE_NODE_PORT": "4001", "CXRNODE_SEND_BACKOFF_S": "1,2.5",
+                                        "CXRNODE_NODE_ALLOWED_CALLING_AE_TITLES": "A,B"})
+    assert settings.node.port == 4001
+    assert settings.send.backoff_s == (1.0, 2.5)
+    assert settings.node.allowed_calling_ae_titles == ("A", "B")
+
+
+def test_unknown_environment_variable_is_refused() -> None:
+    with pytest.raises(SettingsError, match="CXRNODE_NODE_PROT"):
+        load_settings(None, env={"CXRNODE_NODE_PROT": "1"})
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml", env={})
+
+
+def test_backoff_repeats_its_last_delay() -> None:
+    send = load_settings(None, env={"CXRNODE_SEND_BACKOFF_S": "1,5"}).send
+    assert [send.delay_after(n) for n in (1, 2, 3, 9)] == [1.0, 5.0, 5.0, 5.0]
