@@ -225,3 +225,11 @@ def _toml(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     return json.dumps(str(value))
+
+
+def dcmtk(tool: str) -> str:
+    """Path of a dcmtk tool (Debian package ``dcmtk``); the venv's pynetdicom apps share names."""
+    path = Path("/usr/bin") / tool
+    if not path.exists():
+        raise RuntimeError(f"{tool} not found: install the Debian package 'dcmtk'")
+    return str(path)

@@ -18,7 +18,7 @@ from PIL import Image
 from pydicom import dcmread
 
 from tests.dicom_factory import make_dx, nema_chest_cr_path
-from tests.servers import NodeProcess, Orthanc, free_port, wait_until
+from tests.servers import NodeProcess, Orthanc, dcmtk, free_port, wait_until
 from tests.validation import dciodvfy_errors
 
 pytestmark = pytest.mark.e2e
@@ -74,7 +74,7 @@ def test_nema_chest_cr_sent_with_storescu(pacs_and_node, tmp_path: Path) -> None
     ds = dcmread(source)
     orthanc.upload(source)  # the PACS holds the study the results must file into
 
-    sent = subprocess.run(["storescu", "-aet", "DCMTKSCU", "-aec", node.ae_title,
+    sent = subprocess.run([dcmtk("storescu"), "-xw", "-aet", "DCMTKSCU", "-aec", node.ae_title,
                            "127.0.0.1", str(node.port), str(source)],
                           capture_output=True, text=True, timeout=120)
     assert sent.returncode == 0, sent.stdout + sent.stderr
