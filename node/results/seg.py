@@ -1,0 +1,163 @@
+"""DICOM Segmentation of the patient's left and right lung (highdicom).
+
+Segments (fixed numbering, one frame each, frame number = segment number):
+
+====  ==========  =====================================================
+ #    label       coding
+====  ==========  =====================================================
+ 1    Left lung   category SCT 91723000 Anatomical Structure,
+                  type SCT 39607008 Lung, modifier SCT 7771000 Left
+ 2    Right lung  same, modifier SCT 24028007 Right
+====  ==========  =====================================================
+
+Laterality is a Segmented Property Type Modifier (CID 244) on the generic
+"Lung" type rather than the pre-coordinated SCT 44029006 "Left lung" /
+3341006 "Right lung": the SR uses the same Lung + laterality pair as its
+finding site, so SEG and SR speak the same vocabulary.
+
+"Left" and "right" are always the patient's. An empty mask for one or both
+lungs still gives a valid SEG: empty frames are kept (``omit_empty_frames``
+is off), so the segment's frame exists and the SR can reference it; its area
+is then 0 mm². Whether an empty lung is plausible is the caller's decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from .algorithm import Algorithm
+from .device import DEFAULT_DEVICE, NodeDevice
+from .source import encoding_source, no_identifier_warnings
+from .uids import derive_uid, result_uids
+
+__all__ = ["LUNG_SEGMENTS", "SEG_CONTENT_LABEL", "SEG_SERIES_DESCRIPTION", "LungSegment", "build_segmentation"]
+
+SEG_CONTENT_LABEL = "LUNG_SEG"
+SEG_SERIES_DESCRIPTION = "LUNG SEG (AI, not for clinical use)"
+DEFAULT_SEG_SERIES_NUMBER = 9901
+
+
+@dataclass(frozen=True)
+class LungSegment:
+    """Number, label, laterality and display colour of one lung segment."""
+
+    segment_number: int
+    side: str  # "left" or "right": the patient's, as in measure.LUNG_SIDES
+    segment_label: str
+    laterality: Code
+    display_color: tuple[float, float, float]  # CIELab
+
+
+LUNG_SEGMENTS: tuple[LungSegment, ...] = (
+    LungSegment(1, "left", "Left lung", codes.SCT.Left, (80.0, -60.0, 50.0)),
+    LungSegment(2, "right", "Right lung", codes.SCT.Right, (60.0, 20.0, -70.0)),
+)
+
+
+def build_segmentation(
+    source: Dataset,
+    patient_left: np.ndarray,
+    patient_right: np.ndarray,
+    algorithm: Algorithm,
+    *,
+    series_number: int = DEFAULT_SEG_SERIES_NUMBER,
+    device: NodeDevice = DEFAULT_DEVICE,
+) -> hd.seg.Segmentation:
+    """Encode the lung masks of ``source`` as a binary DICOM Segmentation.
+
+    ``patient_left`` / ``patient_right`` are 2-D boolean (or 0/1) masks in
+    the source's geometry, shape (Rows, Columns). The SEG carries the source's
+    patient and study attributes (it files into the same study), its Patient
+    Orientation, the algorithm identification, and UIDs derived with
+    :func:`node.results.uids.result_uids` from the source SOP Instance UID and
+    the algorithm, so encoding again gives the same UIDs.
+
+    Type 2 patient/study attributes missing from the source are written
+    empty, and an unusable Pixel Spacing is not copied
+    (:func:`node.results.source.encoding_source`).
+
+    Raises:
+        ValueError: a mask has the wrong shape or values, or the masks overlap,
+            or the source lacks a UID; highdicom's own validation errors
+            propagate unchanged.
+    """
+    source = encoding_source(source)
+    shape = (int(source.Rows), int(source.Columns))
+    masks = [_as_binary(patient_left, shape, "patient_left"), _as_binary(patient_right, shape, "patient_right")]
+    if np.logical_and(masks[0], masks[1]).any():
+        raise ValueError("the patient's left and right lung masks overlap")
+    uids = result_uids(source.SOPInstanceUID, "seg", [algorithm.uid_key])
+    descriptions = [_segment_description(source, segment, algorithm) for segment in LUNG_SEGMENTS]
+    pixel_array = np.stack(masks, axis=-1)[np.newaxis].astype(np.uint8)  # (1, Rows, Columns, 2)
+
+    with no_identifier_warnings():
+        seg = _encode(source, pixel_array, descriptions, uids.series_instance_uid, uids.sop_instance_uid,
+                      algorithm, series_number, device)
+    # highdicom leaves out Patient Orientation for projection sources, but the
+    # General Image module needs it (Type 2C): copy it (empty when absent).
+    seg.PatientOrientation = source.get("PatientOrientation", "")
+    for item, segment in zip(seg.SegmentSequence, LUNG_SEGMENTS, strict=True):
+        modifier = hd.sr.CodedConcept.from_code(segment.laterality)
+        item.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [modifier]
+    return seg
+
+
+def _encode(
+    source: Dataset,
+    pixel_array: np.ndarray,
+    descriptions: list[hd.seg.SegmentDescription],
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    algorithm: Algorithm,
+    series_number: int,
+    device: NodeDevice,
+) -> hd.seg.Segmentation:
+    return hd.seg.Segmentation(
+        source_images=[source],
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=device.manufacturer,
+        manufacturer_model_name=device.manufacturer_model_name,
+        software_versions=device.software_versions,
+        device_serial_number=device.device_serial_number,
+        content_label=SEG_CONTENT_LABEL,
+        content_description=f"Lungs by {algorithm.name} {algorithm.version}"[:64],
+        omit_empty_frames=False,
+        series_description=SEG_SERIES_DESCRIPTION,
+    )
+
+
+def _segment_description(source: Dataset, segment: LungSegment, algorithm: Algorithm) -> hd.seg.SegmentDescription:
+    return hd.seg.SegmentDescription(
+        segment_number=segment.segment_number,
+        segment_label=segment.segment_label,
+        segmented_property_category=codes.SCT.AnatomicalStructure,
+        segmented_property_type=codes.SCT.Lung,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm.seg_identification(),
+        tracking_uid=derive_uid(source.SOPInstanceUID, "seg", "tracking", segment.side, algorithm.uid_key),
+        tracking_id=segment.segment_label,
+        display_color=hd.color.CIELabColor(*segment.display_color),
+    )
+
+
+def _as_binary(mask: np.ndarray, shape: tuple[int, int], name: str) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.shape != shape:
+        raise ValueError(f"{name} has shape {mask.shape}; the source image is (Rows, Columns) = {shape}")
+    if mask.dtype != np.bool_:
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError(f"{name} must be boolean or hold only 0 and 1")
+        mask = mask.astype(bool)
+    return mask

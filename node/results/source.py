@@ -1,0 +1,106 @@
+"""The source image as the encoders see it: header defects that would break the results, mended.
+
+highdicom copies every root-level Patient and Study attribute of the source
+into the SEG and SR, and reads some of them as attributes. So:
+
+* a source that lacks a Type 2 one (e.g. a minimal Secondary Capture without
+  Patient's Birth Date) makes it fail with AttributeError: the copy adds it,
+  empty, which is what Type 2 allows;
+* an invalid optional value (e.g. Patient's Age ``81`` instead of ``081Y``)
+  would make the results invalid: the copy leaves out invalid values of
+  attributes other than the UIDs and :data:`TYPE2_PATIENT_STUDY_KEYWORDS`,
+  which are kept as received so the PACS files the results with the source;
+* a CR/DX Pixel Spacing of zero (NEMA RG1 CR) would be copied into the SEG's
+  Pixel Measures: the copy leaves it out.
+
+:func:`encoding_source` returns the source itself when nothing applies,
+otherwise a shallow copy; the received object is never modified.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pydicom import config
+from pydicom.dataset import Dataset
+from pydicom.dataelem import DataElement
+from pydicom.multival import MultiValue
+from pydicom.valuerep import validate_value
+
+from node.imaging import spacing_attribute_mm
+
+__all__ = ["TYPE2_PATIENT_STUDY_KEYWORDS", "encoding_source", "no_identifier_warnings"]
+
+#: Type 2 attributes of the Patient and General Study modules that the results copy.
+TYPE2_PATIENT_STUDY_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+_KEPT_AS_RECEIVED = frozenset(
+    {*TYPE2_PATIENT_STUDY_KEYWORDS, "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"}
+)
+_CHECKED_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UI"})  # string-valued
+
+
+def encoding_source(source: Dataset) -> Dataset:
+    """Return ``source``, or a copy of it that highdicom can encode results for.
+
+    Raises:
+        ValueError: the source lacks a SOP Class, SOP Instance, Study or
+            Series Instance UID (results could not reference it or file
+            into its study).
+    """
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        if not source.get(keyword):
+            raise ValueError(f"the source image has no {keyword}")
+    missing = [keyword for keyword in TYPE2_PATIENT_STUDY_KEYWORDS if keyword not in source]
+    left_out = {element.tag for element in source if _is_invalid_optional(element)}
+    if "PixelSpacing" in source and spacing_attribute_mm(source, "PixelSpacing") is None:
+        left_out.add(source["PixelSpacing"].tag)
+    if not missing and not left_out:
+        return source
+    copy = Dataset()
+    for element in source:
+        if element.tag not in left_out:
+            copy.add(element)
+    for keyword in missing:
+        setattr(copy, keyword, "")
+    if hasattr(source, "file_meta"):
+        copy.file_meta = source.file_meta
+    return copy
+
+
+@contextmanager
+def no_identifier_warnings() -> Iterator[None]:
+    """Silence highdicom's person-name warning, whose text quotes the patient's name.
+
+    The node routes warnings into its logs, and logs must not carry patient
+    identifiers; the name is copied as received either way.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r".*unlikely to represent the intended person name", category=UserWarning
+        )
+        yield
+
+
+def _is_invalid_optional(element: DataElement) -> bool:
+    if element.keyword in _KEPT_AS_RECEIVED or element.VR not in _CHECKED_VRS or element.is_empty:
+        return False
+    values = element.value if isinstance(element.value, MultiValue) else [element.value]
+    try:
+        for value in values:
+            validate_value(element.VR, str(value), config.RAISE)
+    except ValueError:
+        return True
+    return False

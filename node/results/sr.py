@@ -1,0 +1,308 @@
+"""TID 1500 Measurement Report of the TB score and lung areas (highdicom).
+
+IOD: Comprehensive 3D SR (1.2.840.10008.5.1.4.1.1.88.34), highdicom's main
+target for TID 1500 and accepted by Orthanc. The content has no 3-D
+coordinates, so Enhanced SR or Comprehensive SR would validate as well;
+:data:`SR_CLASS` is the one place to change it.
+
+Content (``ContentSequence`` of the root ``Imaging Measurement Report``):
+
+* observer: the node as a device (TID 1004);
+* procedure reported: SCT 399208008 plain chest X-ray;
+* image library: the source image;
+* one image-level group (TID 1501) on the source image, finding type
+  SCT 56717001 Tuberculosis, finding site Lung, with
+  - NUM ``(TBSCORE, 99CXRNODE)`` "Tuberculosis score", 0..1, unit UCUM ``1``;
+  - CODE ``(TBSCREEN, 99CXRNODE)`` "Tuberculosis screening result" =
+    SCT 263654008 Abnormal when score >= threshold, else SCT 17621005
+    Normal (a named concept of its own: "Finding" is already the finding
+    type's concept name);
+  - when areas are left out, TEXT DCM 121106 "Comment" with the reason;
+  - TB model identification, with ``threshold=<t>`` as a parameter;
+* one planar ROI group (TID 1410) per lung, referencing its SEG segment and
+  frame, finding site Lung + laterality, and (when pixel spacing is known)
+  NUM SCT 42798000 Area in UCUM ``mm2``, with the segmenter identification.
+
+The ``99CXRNODE`` local codes make dciodvfy print "Unrecognized defined term"
+warnings; they are expected (not errors). Two fixes from dciodvfy are
+applied: segment references are built by hand (the frame number is the SEG's,
+the source image is single-frame), and Referenced Segment Number is removed
+from IMAGE items that carry Referenced Frame Number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from node.imaging import spacing_attribute_mm
+
+from .algorithm import ResultAlgorithms
+from .device import DEFAULT_DEVICE, NodeDevice
+from .measure import LUNG_SIDES
+from .seg import LUNG_SEGMENTS, LungSegment
+from .source import encoding_source, no_identifier_warnings
+from .uids import derive_uid, result_uids
+
+__all__ = [
+    "AREA",
+    "SR_CLASS",
+    "SR_SERIES_DESCRIPTION",
+    "TB_SCORE",
+    "TB_SCREENING_RESULT",
+    "TUBERCULOSIS",
+    "build_report",
+]
+
+SR_CLASS = hd.sr.Comprehensive3DSR
+SR_SERIES_DESCRIPTION = "TB REPORT (AI, not for clinical use)"
+DEFAULT_SR_SERIES_NUMBER = 9902
+LOCAL_SCHEME = "99CXRNODE"
+
+TB_SCORE = hd.sr.CodedConcept("TBSCORE", LOCAL_SCHEME, "Tuberculosis score")
+TB_SCREENING_RESULT = hd.sr.CodedConcept("TBSCREEN", LOCAL_SCHEME, "Tuberculosis screening result")
+TUBERCULOSIS = hd.sr.CodedConcept("56717001", "SCT", "Tuberculosis")
+PLAIN_CHEST_XRAY = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
+AREA = hd.sr.CodedConcept.from_code(codes.SCT.Area)
+COMMENT = hd.sr.CodedConcept.from_code(codes.DCM.Comment)
+_SEGMENT_ITEM_CONCEPT = "121214"  # DCM "Referenced Segmentation Frame"
+
+
+def build_report(
+    source: Dataset,
+    seg: Dataset,
+    *,
+    tb_score: float,
+    threshold: float,
+    areas_mm2: Mapping[str, float] | None,
+    area_omission_reason: str | None,
+    algorithms: ResultAlgorithms,
+    series_number: int = DEFAULT_SR_SERIES_NUMBER,
+    device: NodeDevice = DEFAULT_DEVICE,
+) -> hd.sr.Comprehensive3DSR:
+    """Encode the TB score and lung areas of ``source`` as a TID 1500 SR.
+
+    ``seg`` is the lung SEG of the same source from
+    :func:`node.results.seg.build_segmentation`. Give either ``areas_mm2``
+    (keys ``"left"`` and ``"right"``, the patient's) or, when the header has
+    no usable pixel spacing, ``area_omission_reason`` (written into the
+    report as a Comment). UIDs derive from the source SOP Instance UID, both
+    algorithms and the threshold (:func:`node.results.uids.result_uids`).
+
+    Raises:
+        ValueError: score or threshold outside [0, 1]; both or neither of
+            areas and reason; bad area keys or values; the SEG does not
+            belong to the source or lacks a lung segment frame.
+    """
+    source = encoding_source(source)
+    _check_unit_interval("tb_score", tb_score)
+    _check_unit_interval("threshold", threshold)
+    if (areas_mm2 is None) == (area_omission_reason is None):
+        raise ValueError("give exactly one of areas_mm2 and area_omission_reason")
+    if areas_mm2 is not None:
+        _check_areas(areas_mm2)
+    elif not area_omission_reason or not area_omission_reason.strip():
+        raise ValueError("area_omission_reason must not be empty")
+    if seg.StudyInstanceUID != source.StudyInstanceUID:
+        raise ValueError("the SEG is not in the source image's study")
+    frames = _frame_numbers_by_segment(seg)
+
+    # The threshold changes the content, so it is part of the identity too.
+    uid_keys = [algorithms.segmenter.uid_key, algorithms.tb_classifier.uid_key, f"threshold={threshold!r}"]
+    uids = result_uids(source.SOPInstanceUID, "sr", uid_keys)
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]
+    groups = [_image_group(source, tb_score, threshold, area_omission_reason, algorithms, uid_keys)]
+    for segment in LUNG_SEGMENTS:
+        if segment.segment_number not in frames:
+            raise ValueError(f"the SEG has no frame for segment {segment.segment_number} ({segment.segment_label})")
+        area = None if areas_mm2 is None else float(areas_mm2[segment.side])
+        groups.append(_lung_group(source, seg, segment, frames[segment.segment_number], area, algorithms, uid_keys))
+
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device.device_uid,
+            name=device.manufacturer_model_name,
+            manufacturer_name=device.manufacturer,
+            model_name=device.manufacturer_model_name,
+            serial_number=device.device_serial_number,
+        ),
+    )
+    with no_identifier_warnings():
+        sr = _encode(source, seg, groups, observer, uids.series_instance_uid, uids.sop_instance_uid,
+                     series_number, device)
+    _drop_segment_number_beside_frame_number(sr)
+    return sr
+
+
+def _encode(
+    source: Dataset,
+    seg: Dataset,
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations],
+    observer: hd.sr.ObserverContext,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    device: NodeDevice,
+) -> hd.sr.Comprehensive3DSR:
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=PLAIN_CHEST_XRAY,
+        imaging_measurements=groups,
+        referenced_images=[source] if _has_image_library_descriptors(source) else None,
+    )
+    return SR_CLASS(
+        evidence=[source, seg],
+        content=report[0],
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=device.manufacturer,
+        manufacturer_model_name=device.manufacturer_model_name,
+        software_versions=device.software_versions,
+        device_serial_number=device.device_serial_number,
+        series_description=SR_SERIES_DESCRIPTION,
+        is_complete=True,
+    )
+
+
+def _image_group(
+    source: Dataset,
+    tb_score: float,
+    threshold: float,
+    area_omission_reason: str | None,
+    algorithms: ResultAlgorithms,
+    uid_keys: list[str],
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    tb_algorithm = algorithms.tb_classifier.sr_identification(threshold=f"{threshold:g}")
+    result = codes.SCT.Abnormal if tb_score >= threshold else codes.SCT.Normal
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derive_uid(source.SOPInstanceUID, "sr", "tracking", "image", *uid_keys),
+            identifier="TB screening",
+        ),
+        finding_type=TUBERCULOSIS,
+        finding_sites=[hd.sr.FindingSite(codes.SCT.Lung)],
+        algorithm_id=tb_algorithm,
+        measurements=[
+            hd.sr.Measurement(
+                name=TB_SCORE,
+                value=float(tb_score),
+                unit=codes.UCUM.NoUnits,
+                algorithm_id=tb_algorithm,
+            )
+        ],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(TB_SCREENING_RESULT, result)],
+        source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)],
+    )
+    if area_omission_reason is not None:
+        comment = hd.sr.TextContentItem(
+            name=COMMENT,
+            value=f"Lung areas not reported: {area_omission_reason.strip()}"[:1024],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        group[0].ContentSequence.append(comment)
+    return group
+
+
+def _lung_group(
+    source: Dataset,
+    seg: Dataset,
+    segment: LungSegment,
+    frame_number: int,
+    area_mm2: float | None,
+    algorithms: ResultAlgorithms,
+    uid_keys: list[str],
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    segmenter = algorithms.segmenter.sr_identification()
+    site = hd.sr.FindingSite(codes.SCT.Lung, laterality=segment.laterality)
+    measurements = None
+    if area_mm2 is not None:
+        measurements = [
+            hd.sr.Measurement(
+                name=AREA,
+                value=area_mm2,
+                unit=codes.UCUM.SquareMillimeter,
+                algorithm_id=segmenter,
+                finding_sites=[site],
+            )
+        ]
+    # Built by hand: from_segmentation() would put the SEG frame number on
+    # the single-frame source image, which dciodvfy rejects.
+    reference = hd.sr.ReferencedSegmentationFrame(
+        sop_class_uid=seg.SOPClassUID,
+        sop_instance_uid=seg.SOPInstanceUID,
+        frame_number=frame_number,
+        segment_number=segment.segment_number,
+        source_image=hd.sr.SourceImageForSegmentation(source.SOPClassUID, source.SOPInstanceUID),
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derive_uid(source.SOPInstanceUID, "sr", "tracking", segment.side, *uid_keys),
+            identifier=segment.segment_label,
+        ),
+        referenced_segment=reference,
+        finding_type=codes.SCT.Lung,
+        finding_sites=[site],
+        algorithm_id=segmenter,
+        measurements=measurements,
+    )
+
+
+def _has_image_library_descriptors(source: Dataset) -> bool:
+    """Whether highdicom can describe ``source`` in the Image Library (TID 1600).
+
+    For CR/DX it needs a two-valued Patient Orientation and a usable Imager
+    Pixel Spacing. Without them the Image Library is left out; the source
+    stays referenced by the measurement groups and the evidence sequence.
+    """
+    if str(source.get("Modality", "")) not in ("CR", "DX", "MG", "IO", "PX", "RG", "XA", "RF"):
+        return True
+    orientation = source.get("PatientOrientation")
+    has_orientation = orientation is not None and not isinstance(orientation, str) and len(orientation) == 2
+    return has_orientation and spacing_attribute_mm(source, "ImagerPixelSpacing") is not None
+
+
+def _frame_numbers_by_segment(seg: Dataset) -> dict[int, int]:
+    frames: dict[int, int] = {}
+    for index, item in enumerate(seg.get("PerFrameFunctionalGroupsSequence", []), start=1):
+        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        frames.setdefault(number, index)
+    return frames
+
+
+def _drop_segment_number_beside_frame_number(sr: Dataset) -> None:
+    """Remove Referenced Segment Number where Referenced Frame Number is present.
+
+    highdicom writes both into the Referenced Segmentation Frame IMAGE item;
+    the standard (and dciodvfy) forbid the pair. highdicom reads it back
+    without the segment number.
+    """
+    stack = list(sr.get("ContentSequence", []))
+    while stack:
+        item = stack.pop()
+        stack.extend(item.get("ContentSequence", []))
+        concept = item.get("ConceptNameCodeSequence")
+        if item.get("ValueType") != "IMAGE" or not concept or concept[0].CodeValue != _SEGMENT_ITEM_CONCEPT:
+            continue
+        for ref in item.get("ReferencedSOPSequence", []):
+            if "ReferencedFrameNumber" in ref and "ReferencedSegmentNumber" in ref:
+                del ref.ReferencedSegmentNumber
+
+
+def _check_unit_interval(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def _check_areas(areas_mm2: Mapping[str, float]) -> None:
+    if set(areas_mm2) != set(LUNG_SIDES):
+        raise ValueError(f"areas_mm2 must have exactly the keys {LUNG_SIDES}, got {sorted(areas_mm2)}")
+    for side, value in areas_mm2.items():
+        if not (math.isfinite(float(value)) and float(value) >= 0):
+            raise ValueError(f"area of the {side} lung must be finite and >= 0, got {value!r}")

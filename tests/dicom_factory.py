@@ -1,0 +1,334 @@
+"""Builders of valid chest radiograph DICOM objects for unit and end-to-end tests.
+
+:func:`make_dx` and :func:`make_cr` turn a real Montgomery / Shenzhen PNG (or
+any 2-D array, bright = dense) into a DX For Presentation or CR object that
+``dciodvfy`` accepts with 0 errors. The header carries no real patient
+identifiers (``CXRNODE^TEST`` / ``TEST-0001``).
+
+:func:`nema_chest_cr_path` returns the NEMA WG-04 RG1 chest CR (JPEG 2000)
+from the ``pydicom-data`` package, which ships its files inside the wheel, so
+it works offline.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    UID,
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    PYDICOM_IMPLEMENTATION_UID,
+    generate_uid,
+)
+
+__all__ = [
+    "DATA_DIR",
+    "FIXTURE_DIR",
+    "make_cr",
+    "make_dx",
+    "montgomery_case",
+    "nema_chest_cr_path",
+    "reference_lung_masks",
+]
+
+#: The shared data folder (Montgomery/Shenzhen PNGs and masks): ``../shared/data``
+#: next to the checkout, or ``$CXRNODE_TEST_DATA``. Tests that need it skip without it.
+DATA_DIR = Path(os.environ.get("CXRNODE_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+#: The repository's test fixtures (one Montgomery case and its mask).
+FIXTURE_DIR = Path(__file__).resolve().parent / "data"
+
+DEFAULT_SIZE = (2048, 2048)
+_NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+#: View Code Sequence items (CID 4010) for View Position values.
+_VIEW_CODES = {
+    "PA": ("399348003", "SCT", "postero-anterior"),
+    "AP": ("399182009", "SCT", "antero-posterior"),
+    "LL": ("399198007", "SCT", "left lateral"),
+    "RL": ("399352003", "SCT", "right lateral"),
+}
+Photometric = Literal["MONOCHROME1", "MONOCHROME2"]
+SpacingAttribute = Literal["ImagerPixelSpacing", "PixelSpacing"]
+
+
+def nema_chest_cr_path(lossless: bool = False) -> Path:
+    """Path of the NEMA RG1 chest CR in JPEG 2000 from ``pydicom-data``.
+
+    1955 x 1841, 15 bits stored, MONOCHROME1, Pixel Spacing ``0.000\\0.000``.
+    ``lossless`` picks ``RG1_J2KR.dcm`` instead of ``RG1_J2KI.dcm``. The files
+    are inside the installed wheel (package ``data_store``); nothing is
+    downloaded.
+    """
+    from pydicom.data import get_testdata_file
+
+    name = "RG1_J2KR.dcm" if lossless else "RG1_J2KI.dcm"
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        raise FileNotFoundError(f"{name} not found: install the test dependency 'pydicom-data'")
+    return Path(path)
+
+
+def montgomery_case(case_id: str = "MCUCXR_0017_0") -> tuple[Path, Path]:
+    """Image and mask PNG paths of a Montgomery case.
+
+    The repository's own fixture (``tests/data``, case ``MCUCXR_0017_0``) is
+    used when it holds the case, so CI needs no shared data; other cases come
+    from the shared data folder (:data:`DATA_DIR`).
+    """
+    image, mask = FIXTURE_DIR / f"{case_id}.png", FIXTURE_DIR / f"{case_id}_mask.png"
+    if image.exists() and mask.exists():
+        return image, mask
+    base = DATA_DIR / "cxr" / "montgomery"
+    return base / "images" / f"{case_id}.png", base / "masks" / f"{case_id}.png"
+
+
+def reference_lung_masks(
+    mask_png: str | Path | np.ndarray,
+    size: tuple[int, int] | None = DEFAULT_SIZE,
+    *,
+    patient_left_on_image_right: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split a merged reference lung mask into (patient_left, patient_right).
+
+    The mask is resized (nearest neighbour) to ``size`` (rows, columns) and
+    split at the middle column: in the standard orientation the patient's
+    right lung is on the image's left half.
+    """
+    mask = _load_gray(mask_png, size, resample=Image.Resampling.NEAREST) > 127
+    middle = mask.shape[1] // 2
+    image_left, image_right = mask.copy(), mask.copy()
+    image_left[:, middle:] = False
+    image_right[:, :middle] = False
+    if patient_left_on_image_right:
+        return image_right, image_left
+    return image_left, image_right
+
+
+def make_dx(
+    png_path_or_array: str | Path | np.ndarray,
+    *,
+    sop_instance_uid: str | None = None,
+    study_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+    photometric: Photometric = "MONOCHROME2",
+    bits_stored: int = 12,
+    pixel_spacing: tuple[float, float] | None = (0.175, 0.175),
+    spacing_attribute: SpacingAttribute = "ImagerPixelSpacing",
+    view_position: str = "PA",
+    body_part: str = "CHEST",
+    patient_orientation: tuple[str, str] = ("L", "F"),
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    size: tuple[int, int] | None = DEFAULT_SIZE,
+    window: bool = True,
+) -> Dataset:
+    """Build a Digital X-Ray Image For Presentation from a real chest image.
+
+    The image (bright = dense) is resized to ``size`` (rows, columns; None
+    keeps it) and mapped linearly onto ``bits_stored`` (8 to 16) bits; for
+    MONOCHROME1 the stored values are inverted and Presentation LUT Shape is
+    INVERSE. Rescale is identity, a window covering the value range is set
+    when ``window`` is true. ``pixel_spacing`` goes into ``spacing_attribute``.
+    Compressed ``transfer_syntax`` values are encoded with pydicom's encoders
+    (RLE, JPEG-LS, JPEG 2000 lossless).
+
+    ``pixel_spacing=None`` (or ``spacing_attribute="PixelSpacing"``) gives a
+    DX *without* Imager Pixel Spacing, which the DX Detector module requires
+    (Type 1): dciodvfy reports that one error. Such headers occur in practice;
+    for a valid object without spacing use :func:`make_cr`.
+    """
+    ds = _projection_base(
+        png_path_or_array,
+        sop_class_uid=DigitalXRayImageStorageForPresentation,
+        modality="DX",
+        sop_instance_uid=sop_instance_uid,
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid,
+        photometric=photometric,
+        bits_stored=bits_stored,
+        pixel_spacing=pixel_spacing,
+        spacing_attribute=spacing_attribute,
+        view_position=view_position,
+        body_part=body_part,
+        patient_orientation=patient_orientation,
+        size=size,
+        window=window,
+    )
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.PixelIntensityRelationship = "LIN"
+    ds.PixelIntensityRelationshipSign = 1
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
+    ds.ImageLaterality = "U"  # unpaired body part
+    ds.DetectorType = "DIRECT"
+    ds.PositionerType = ""
+    ds.AcquisitionContextSequence = Sequence()
+    ds.AnatomicRegionSequence = Sequence([_code("51185008", "SCT", "Chest")])
+    view = _VIEW_CODES.get(view_position)
+    ds.ViewCodeSequence = Sequence([_code(*view)] if view else [])
+    return _encode(ds, transfer_syntax)
+
+
+def make_cr(
+    png_path_or_array: str | Path | np.ndarray,
+    *,
+    sop_instance_uid: str | None = None,
+    study_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+    photometric: Photometric = "MONOCHROME2",
+    bits_stored: int = 12,
+    pixel_spacing: tuple[float, float] | None = (0.175, 0.175),
+    spacing_attribute: SpacingAttribute = "ImagerPixelSpacing",
+    view_position: str = "PA",
+    body_part: str = "CHEST",
+    patient_orientation: tuple[str, str] = ("L", "F"),
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    size: tuple[int, int] | None = DEFAULT_SIZE,
+    window: bool = True,
+) -> Dataset:
+    """Build a Computed Radiography Image; arguments as :func:`make_dx`."""
+    ds = _projection_base(
+        png_path_or_array,
+        sop_class_uid=ComputedRadiographyImageStorage,
+        modality="CR",
+        sop_instance_uid=sop_instance_uid,
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid,
+        photometric=photometric,
+        bits_stored=bits_stored,
+        pixel_spacing=pixel_spacing,
+        spacing_attribute=spacing_attribute,
+        view_position=view_position,
+        body_part=body_part,
+        patient_orientation=patient_orientation,
+        size=size,
+        window=window,
+    )
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    return _encode(ds, transfer_syntax)
+
+
+def _projection_base(
+    image: str | Path | np.ndarray,
+    *,
+    sop_class_uid: str,
+    modality: str,
+    sop_instance_uid: str | None,
+    study_instance_uid: str | None,
+    series_instance_uid: str | None,
+    photometric: Photometric,
+    bits_stored: int,
+    pixel_spacing: tuple[float, float] | None,
+    spacing_attribute: SpacingAttribute,
+    view_position: str,
+    body_part: str,
+    patient_orientation: tuple[str, str],
+    size: tuple[int, int] | None,
+    window: bool,
+) -> Dataset:
+    if not 8 <= bits_stored <= 16:
+        raise ValueError("bits_stored must be 8 to 16")
+    gray = _load_gray(image, size, resample=Image.Resampling.BILINEAR)
+    bits_allocated = 8 if bits_stored <= 8 else 16
+    top = (1 << bits_stored) - 1
+    low, high = round(0.05 * top), round(0.90 * top)  # realistic: not the full range
+    stored = (low + gray.astype(np.float64) / 255.0 * (high - low)).round()
+    if photometric == "MONOCHROME1":
+        stored = top - stored
+        low, high = top - high, top - low
+    stored_dtype = np.uint8 if bits_allocated == 8 else np.uint16
+    pixels = stored.astype(stored_dtype)
+
+    now = _dt.datetime.now()
+    sop_instance_uid = sop_instance_uid or generate_uid()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = UID(sop_class_uid)
+    ds.SOPInstanceUID = UID(sop_instance_uid)
+    ds.PatientName = "CXRNODE^TEST"
+    ds.PatientID = "TEST-0001"
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.StudyInstanceUID = UID(study_instance_uid or generate_uid())
+    ds.StudyDate = now.strftime("%Y%m%d")
+    ds.StudyTime = now.strftime("%H%M%S")
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.AccessionNumber = ""
+    ds.StudyDescription = "CXRNODE TEST CHEST"
+    ds.Modality = modality
+    ds.SeriesInstanceUID = UID(series_instance_uid or generate_uid())
+    ds.SeriesNumber = 1
+    ds.Manufacturer = "cxrnode test factory"
+    ds.InstanceNumber = 1
+    ds.ContentDate = ds.StudyDate
+    ds.ContentTime = ds.StudyTime
+    ds.PatientOrientation = list(patient_orientation)
+    ds.BodyPartExamined = body_part
+    ds.ViewPosition = view_position
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    if pixel_spacing is not None:
+        setattr(ds, spacing_attribute, [f"{v:.6g}" for v in pixel_spacing])
+
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated = bits_allocated
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    if window:
+        ds.WindowCenter = f"{(low + high) / 2:g}"
+        ds.WindowWidth = f"{high - low:g}"
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def _encode(ds: Dataset, transfer_syntax: str) -> Dataset:
+    transfer_syntax = UID(transfer_syntax)
+    if transfer_syntax in _NATIVE:
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+    else:
+        ds.compress(transfer_syntax)
+    return ds
+
+
+def _load_gray(
+    image: str | Path | np.ndarray, size: tuple[int, int] | None, *, resample: Image.Resampling
+) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        if image.ndim != 2:
+            raise ValueError("image array must be 2-D")
+        pil = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+    else:
+        pil = Image.open(image).convert("L")
+    if size is not None and pil.size != (size[1], size[0]):
+        pil = pil.resize((size[1], size[0]), resample=resample)
+    return np.asarray(pil, dtype=np.uint8)
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item

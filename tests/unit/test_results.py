@@ -1,0 +1,392 @@
+"""SEG and SR encoders: dciodvfy-valid, round-trip through highdicom, deterministic UIDs."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import Comprehensive3DSRStorage, JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+from models.identity import ModelIdentity
+from node.imaging import pixel_spacing_mm
+from node.results import (
+    Algorithm,
+    ResultAlgorithms,
+    UnreadableResult,
+    build_report,
+    build_segmentation,
+    lung_areas_mm2,
+    reread,
+    result_uids,
+)
+from node.results.sr import AREA, COMMENT, TB_SCORE, TB_SCREENING_RESULT
+from tests.dicom_factory import make_cr, make_dx, montgomery_case, nema_chest_cr_path, reference_lung_masks
+from tests.validation import dciodvfy_errors
+
+SEGMENTER = ModelIdentity("cxrnode-lung-unet", "0.1.0", "a" * 64)
+TB_MODEL = ModelIdentity("cxrnode-tb-densenet", "0.1.0", "b" * 64)
+ALGORITHMS = ResultAlgorithms.from_model_identities(SEGMENTER, TB_MODEL)
+NO_SPACING = "the header has no usable Imager Pixel Spacing or Pixel Spacing"
+
+MONTGOMERY_IMAGE, MONTGOMERY_MASK = montgomery_case()  # in-repo fixture tests/data
+needs_montgomery = pytest.mark.skipif(not MONTGOMERY_IMAGE.exists(), reason="Montgomery fixture absent")
+
+
+def assert_valid(ds: Dataset) -> None:
+    errors = dciodvfy_errors(ds)
+    assert errors == [], "dciodvfy errors:\n" + "\n".join(errors)
+
+
+def round_trip(ds: Dataset, tmp_path: Path, reader=hd.sr.srread):
+    path = tmp_path / f"rt-{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return reader(path)
+
+
+def ellipse_masks(rows: int, columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two lung-like ellipses: (patient_left on the image's right, patient_right)."""
+    y, x = np.ogrid[:rows, :columns]
+
+    def ellipse(cx: float) -> np.ndarray:
+        return ((x - cx) / (0.17 * columns)) ** 2 + ((y - 0.45 * rows) / (0.3 * rows)) ** 2 <= 1
+
+    return ellipse(0.72 * columns), ellipse(0.28 * columns)
+
+
+def find_items(content: Dataset, code_value: str) -> list[Dataset]:
+    found, stack = [], list(content.ContentSequence)
+    while stack:
+        item = stack.pop()
+        stack.extend(item.get("ContentSequence", []))
+        if item.ConceptNameCodeSequence[0].CodeValue == code_value:
+            found.append(item)
+    return found
+
+
+@pytest.fixture(scope="module")
+def dx_case() -> dict:
+    """A 2048 x 2048 12-bit DX from a real Montgomery image, with its reference lungs."""
+    if not MONTGOMERY_IMAGE.exists():
+        pytest.skip("Montgomery fixture absent")
+    source = make_dx(MONTGOMERY_IMAGE)
+    left, right = reference_lung_masks(MONTGOMERY_MASK, (source.Rows, source.Columns))
+    seg = build_segmentation(source, left, right, ALGORITHMS.segmenter)
+    areas = lung_areas_mm2(left, right, pixel_spacing_mm(source))
+    sr = build_report(
+        source, seg, tb_score=0.83, threshold=0.5, areas_mm2=areas, area_omission_reason=None, algorithms=ALGORITHMS
+    )
+    return {"source": source, "left": left, "right": right, "seg": seg, "sr": sr, "areas": areas}
+
+
+@pytest.fixture(scope="module")
+def nema_case() -> dict:
+    """The NEMA chest CR (JPEG 2000, MONOCHROME1, Pixel Spacing 0.000): no areas."""
+    source = pydicom.dcmread(nema_chest_cr_path())
+    assert pixel_spacing_mm(source) is None
+    left, right = ellipse_masks(source.Rows, source.Columns)
+    seg = build_segmentation(source, left, right, ALGORITHMS.segmenter)
+    sr = build_report(
+        source, seg, tb_score=0.12, threshold=0.5, areas_mm2=None, area_omission_reason=NO_SPACING,
+        algorithms=ALGORITHMS,
+    )
+    return {"source": source, "seg": seg, "sr": sr}
+
+
+@pytest.fixture(scope="module")
+def small_dx() -> Dataset:
+    image = np.asarray(np.tile(np.linspace(0, 255, 256), (256, 1)))
+    return make_dx(image, size=None, sop_instance_uid="1.2.826.0.1.3680043.8.498.1")
+
+
+class TestDciodvfy:
+    @needs_montgomery
+    @pytest.mark.parametrize("kind", ["source", "seg", "sr"])
+    def test_dx_case_has_no_errors(self, dx_case: dict, kind: str) -> None:
+        assert_valid(dx_case[kind])
+
+    @pytest.mark.parametrize("kind", ["seg", "sr"])
+    def test_nema_case_has_no_errors(self, nema_case: dict, kind: str) -> None:
+        assert_valid(nema_case[kind])
+
+    def test_empty_lung_mask_gives_valid_objects(self, small_dx: Dataset) -> None:
+        left, _ = ellipse_masks(small_dx.Rows, small_dx.Columns)
+        empty = np.zeros_like(left)
+        seg = build_segmentation(small_dx, left, empty, ALGORITHMS.segmenter)
+        areas = lung_areas_mm2(left, empty, pixel_spacing_mm(small_dx))
+        assert areas["right"] == 0.0
+        sr = build_report(
+            small_dx, seg, tb_score=0.5, threshold=0.5, areas_mm2=areas, area_omission_reason=None,
+            algorithms=ALGORITHMS,
+        )
+        assert_valid(seg)
+        assert_valid(sr)
+        assert seg.NumberOfFrames == 2
+
+
+    @needs_montgomery
+    @pytest.mark.parametrize(
+        ("factory", "options"),
+        [
+            (make_dx, {}),
+            (make_dx, {"photometric": "MONOCHROME1", "bits_stored": 16}),
+            (make_dx, {"bits_stored": 8, "transfer_syntax": JPEGLSLossless}),
+            (make_dx, {"transfer_syntax": JPEG2000Lossless, "view_position": "LL", "patient_orientation": ("P", "F")}),
+            (make_cr, {"pixel_spacing": None, "transfer_syntax": RLELossless}),
+            (make_cr, {"photometric": "MONOCHROME1", "spacing_attribute": "PixelSpacing"}),
+        ],
+    )
+    def test_factory_objects_have_no_errors(self, factory, options: dict) -> None:
+        assert_valid(factory(MONTGOMERY_IMAGE, size=(512, 512), **options))
+
+    def test_the_check_itself_finds_a_known_error(self, small_dx: Dataset) -> None:
+        broken = copy.deepcopy(small_dx)
+        del broken.PositionerType  # Type 2 in DX Positioning (TOOLCHAIN section 3)
+        assert any("PositionerType" in line for line in dciodvfy_errors(broken))
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR AS")
+class TestMinimalSourceHeader:
+    """Sources like the NIH Secondary Capture: Type 2 gaps, invalid optional values, odd names."""
+
+    @pytest.fixture
+    def minimal_source(self) -> Dataset:
+        ds = make_cr(np.tile(np.linspace(0, 255, 128), (128, 1)), size=None, pixel_spacing=None)
+        for keyword in ("PatientBirthDate", "StudyDate", "StudyTime", "ReferringPhysicianName", "AccessionNumber"):
+            delattr(ds, keyword)
+        ds.PatientAge = "81"  # invalid AS (should be 081Y)
+        ds.PatientName = "Anonymous0000"  # one component: highdicom warns, quoting it
+        return ds
+
+    def test_results_are_valid_and_the_source_is_untouched(self, minimal_source: Dataset, recwarn) -> None:
+        before = set(minimal_source.dir())
+        left, right = ellipse_masks(minimal_source.Rows, minimal_source.Columns)
+        seg = build_segmentation(minimal_source, left, right, ALGORITHMS.segmenter)
+        sr = build_report(
+            minimal_source, seg, tb_score=0.1, threshold=0.5, areas_mm2=None, area_omission_reason=NO_SPACING,
+            algorithms=ALGORITHMS,
+        )
+        assert_valid(seg)
+        assert_valid(sr)
+        assert set(minimal_source.dir()) == before
+        assert seg.PatientName == sr.PatientName == "Anonymous0000"
+        assert "PatientAge" not in seg and "PatientAge" not in sr
+        assert not [w for w in recwarn if "Anonymous0000" in str(w.message)]
+
+    def test_missing_study_instance_uid_is_refused(self, minimal_source: Dataset) -> None:
+        del minimal_source.StudyInstanceUID
+        left, right = ellipse_masks(minimal_source.Rows, minimal_source.Columns)
+        with pytest.raises(ValueError, match="StudyInstanceUID"):
+            build_segmentation(minimal_source, left, right, ALGORITHMS.segmenter)
+
+
+class TestSegmentation:
+    @needs_montgomery
+    def test_round_trip_keeps_segments_and_masks(self, dx_case: dict, tmp_path: Path) -> None:
+        seg = round_trip(dx_case["seg"], tmp_path, hd.seg.segread)
+        source = dx_case["source"]
+        labels = {d.SegmentNumber: d.SegmentLabel for d in seg.SegmentSequence}
+        assert labels == {1: "Left lung", 2: "Right lung"}
+        for number, laterality in ((1, codes.SCT.Left), (2, codes.SCT.Right)):
+            description = seg.get_segment_description(number)
+            assert description.segmented_property_type == codes.SCT.Lung
+            assert description.segmented_property_category == codes.SCT.AnatomicalStructure
+            modifier = description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0]
+            assert hd.sr.CodedConcept.from_dataset(modifier) == laterality
+            assert description.algorithm_identification[0].AlgorithmName == SEGMENTER.name
+            assert description.algorithm_identification[0].AlgorithmVersion == SEGMENTER.version
+        masks = seg.get_pixels_by_source_instance([source.SOPInstanceUID], segment_numbers=[1, 2])[0]
+        np.testing.assert_array_equal(masks[..., 0], dx_case["left"])
+        np.testing.assert_array_equal(masks[..., 1], dx_case["right"])
+
+    @needs_montgomery
+    def test_files_into_the_source_study(self, dx_case: dict) -> None:
+        seg, source = dx_case["seg"], dx_case["source"]
+        for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "AccessionNumber", "StudyDate"):
+            assert seg[keyword].value == source[keyword].value
+        assert list(seg.PatientOrientation) == list(source.PatientOrientation)
+        assert seg.SeriesInstanceUID != source.SeriesInstanceUID
+        assert "LUNG SEG" in seg.SeriesDescription and seg.ContentLabel == "LUNG_SEG"
+
+    def test_nema_seg_drops_the_zero_pixel_spacing(self, nema_case: dict) -> None:
+        seg = nema_case["seg"]
+        shared = seg.SharedFunctionalGroupsSequence[0]
+        assert "PixelMeasuresSequence" not in shared
+        assert list(seg.PatientOrientation) == ["L", "F"]
+
+    def test_wrong_shape_is_refused(self, small_dx: Dataset) -> None:
+        with pytest.raises(ValueError, match="shape"):
+            build_segmentation(small_dx, np.zeros((10, 10), bool), np.zeros((10, 10), bool), ALGORITHMS.segmenter)
+
+    def test_overlapping_masks_are_refused(self, small_dx: Dataset) -> None:
+        mask = np.ones((small_dx.Rows, small_dx.Columns), bool)
+        with pytest.raises(ValueError, match="overlap"):
+            build_segmentation(small_dx, mask, mask, ALGORITHMS.segmenter)
+
+    def test_non_binary_mask_is_refused(self, small_dx: Dataset) -> None:
+        mask = np.full((small_dx.Rows, small_dx.Columns), 2, np.uint8)
+        with pytest.raises(ValueError, match="0 and 1"):
+            build_segmentation(small_dx, mask, np.zeros_like(mask), ALGORITHMS.segmenter)
+
+
+class TestReport:
+    @needs_montgomery
+    def test_round_trip_keeps_score_finding_and_references(self, dx_case: dict, tmp_path: Path) -> None:
+        sr = round_trip(dx_case["sr"], tmp_path)
+        source, seg = dx_case["source"], dx_case["seg"]
+        assert sr.SOPClassUID == Comprehensive3DSRStorage
+        assert sr.StudyInstanceUID == source.StudyInstanceUID
+        (image_group,) = sr.content.get_image_measurement_groups()
+        (score,) = image_group.get_measurements(name=TB_SCORE)
+        assert score.value == pytest.approx(0.83)
+        assert score.unit == codes.UCUM.NoUnits
+        assert image_group.finding_type == hd.sr.CodedConcept("56717001", "SCT", "Tuberculosis")
+        (screening,) = image_group.get_qualitative_evaluations(name=TB_SCREENING_RESULT)
+        assert screening.value == codes.SCT.Abnormal
+        assert image_group.source_images[0].referenced_sop_instance_uid == source.SOPInstanceUID
+        evidence = {
+            ref.ReferencedSOPInstanceUID
+            for study in sr.CurrentRequestedProcedureEvidenceSequence
+            for series in study.ReferencedSeriesSequence
+            for ref in series.ReferencedSOPSequence
+        }
+        assert evidence == {source.SOPInstanceUID, seg.SOPInstanceUID}
+
+    @needs_montgomery
+    def test_round_trip_keeps_areas_laterality_and_segment_references(self, dx_case: dict, tmp_path: Path) -> None:
+        sr = round_trip(dx_case["sr"], tmp_path)
+        seg, source = dx_case["seg"], dx_case["source"]
+        groups = sr.content.get_planar_roi_measurement_groups()
+        assert len(groups) == 2
+        for group, side, laterality, frame in zip(
+            groups, ("left", "right"), (codes.SCT.Left, codes.SCT.Right), (1, 2), strict=True
+        ):
+            (area,) = group.get_measurements(name=AREA)
+            assert area.value == pytest.approx(dx_case["areas"][side])
+            assert area.unit == codes.UCUM.SquareMillimeter
+            site = group.finding_sites[0]
+            assert site.value == codes.SCT.Lung and site.laterality == laterality
+            reference = group.referenced_segmentation_frame
+            assert reference.referenced_sop_instance_uid == seg.SOPInstanceUID
+            assert reference.referenced_frame_numbers == [frame]
+            assert reference.source_image_for_segmentation.referenced_sop_instance_uid == source.SOPInstanceUID
+            assert group.tracking_identifier == f"{side.capitalize()} lung"
+
+    @needs_montgomery
+    def test_areas_are_pixel_count_times_spacing(self, dx_case: dict) -> None:
+        expected = np.count_nonzero(dx_case["left"]) * 0.175 * 0.175
+        assert dx_case["areas"]["left"] == pytest.approx(expected)
+        assert 5_000 < dx_case["areas"]["left"] < 50_000  # plausible adult lung, mm²
+
+    def test_without_spacing_has_no_area_and_states_the_reason(self, nema_case: dict, tmp_path: Path) -> None:
+        sr = round_trip(nema_case["sr"], tmp_path)
+        for group in sr.content.get_planar_roi_measurement_groups():
+            assert group.get_measurements(name=AREA) == []
+            assert group.referenced_segmentation_frame is not None
+        comments = find_items(sr, COMMENT.value)
+        assert len(comments) == 1 and NO_SPACING in comments[0].TextValue
+        (image_group,) = sr.content.get_image_measurement_groups()
+        (screening,) = image_group.get_qualitative_evaluations(name=TB_SCREENING_RESULT)
+        assert screening.value == codes.SCT.Normal
+
+    def test_algorithm_identity_and_threshold_are_recorded(self, nema_case: dict) -> None:
+        texts = [item.TextValue for item in find_items(nema_case["sr"], "111002")]  # Algorithm Parameters
+        assert f"weights_sha256={TB_MODEL.sha256}" in texts
+        assert f"weights_sha256={SEGMENTER.sha256}" in texts
+        assert "threshold=0.5" in texts
+        names = {item.TextValue for item in find_items(nema_case["sr"], "111001")}  # Algorithm Name
+        assert names == {SEGMENTER.name, TB_MODEL.name}
+
+    def test_observer_is_the_device(self, nema_case: dict) -> None:
+        (observer_type,) = find_items(nema_case["sr"], "121005")
+        assert observer_type.ConceptCodeSequence[0].CodeValue == codes.DCM.Device.value
+
+    @pytest.mark.parametrize(
+        ("kwargs", "message"),
+        [
+            ({"tb_score": 1.2}, "tb_score"),
+            ({"threshold": -0.1}, "threshold"),
+            ({"area_omission_reason": "x"}, "exactly one"),
+            ({"areas_mm2": None}, "exactly one"),
+            ({"areas_mm2": {"left": 1.0}}, "keys"),
+            ({"areas_mm2": {"left": 1.0, "right": -1.0}}, ">= 0"),
+        ],
+    )
+    def test_invalid_arguments_are_refused(self, small_dx: Dataset, kwargs: dict, message: str) -> None:
+        left, right = ellipse_masks(small_dx.Rows, small_dx.Columns)
+        seg = build_segmentation(small_dx, left, right, ALGORITHMS.segmenter)
+        arguments = {"tb_score": 0.5, "threshold": 0.5, "areas_mm2": {"left": 1.0, "right": 2.0}}
+        arguments |= {"area_omission_reason": None} | kwargs
+        with pytest.raises(ValueError, match=message):
+            build_report(small_dx, seg, algorithms=ALGORITHMS, **arguments)
+
+
+class TestUIDs:
+    def test_same_inputs_give_the_same_uids(self, small_dx: Dataset) -> None:
+        left, right = ellipse_masks(small_dx.Rows, small_dx.Columns)
+        first = build_segmentation(small_dx, left, right, ALGORITHMS.segmenter)
+        again = build_segmentation(small_dx, left, right, ALGORITHMS.segmenter)
+        assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (again.SOPInstanceUID, again.SeriesInstanceUID)
+        assert first.SegmentSequence[0].TrackingUID == again.SegmentSequence[0].TrackingUID
+        report = dict(tb_score=0.3, threshold=0.5, areas_mm2=None, area_omission_reason="x", algorithms=ALGORITHMS)
+        sr_first, sr_again = build_report(small_dx, first, **report), build_report(small_dx, again, **report)
+        assert (sr_first.SOPInstanceUID, sr_first.SeriesInstanceUID) == (
+            sr_again.SOPInstanceUID,
+            sr_again.SeriesInstanceUID,
+        )
+        all_uids = {first.SOPInstanceUID, first.SeriesInstanceUID, sr_first.SOPInstanceUID, sr_first.SeriesInstanceUID}
+        assert len(all_uids) == 4
+
+    def test_new_model_version_gives_new_uids(self, small_dx: Dataset) -> None:
+        newer = Algorithm.from_model_identity(ModelIdentity(SEGMENTER.name, "0.2.0", SEGMENTER.sha256))
+        left, right = ellipse_masks(small_dx.Rows, small_dx.Columns)
+        old = build_segmentation(small_dx, left, right, ALGORITHMS.segmenter)
+        new = build_segmentation(small_dx, left, right, newer)
+        assert old.SOPInstanceUID != new.SOPInstanceUID
+        assert old.SeriesInstanceUID != new.SeriesInstanceUID
+
+    def test_sr_uids_depend_on_both_models_and_the_threshold(self) -> None:
+        keys = [ALGORITHMS.segmenter.uid_key, ALGORITHMS.tb_classifier.uid_key]
+        base = result_uids("1.2.3", "sr", keys + ["threshold=0.5"])
+        assert base == result_uids("1.2.3", "sr", keys + ["threshold=0.5"])
+        assert base != result_uids("1.2.3", "sr", keys + ["threshold=0.6"])
+        newer_tb = Algorithm.from_model_identity(ModelIdentity(TB_MODEL.name, "0.2.0", TB_MODEL.sha256))
+        assert base != result_uids("1.2.3", "sr", [keys[0], newer_tb.uid_key, "threshold=0.5"])
+        assert base != result_uids("1.2.4", "sr", keys + ["threshold=0.5"])
+        assert base.sop_instance_uid.startswith("1.2.826.0.1.3680043.8.498.")
+        assert base.sop_instance_uid.is_valid
+
+    def test_unknown_kind_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="kind"):
+            result_uids("1.2.3", "pr", ["x"])  # type: ignore[arg-type]
+
+
+class TestReread:
+    def test_valid_results_reread(self, nema_case: dict) -> None:
+        reread(nema_case["seg"])
+        reread(nema_case["sr"])
+
+    def test_broken_seg_raises(self, small_dx: Dataset) -> None:
+        left, right = ellipse_masks(small_dx.Rows, small_dx.Columns)
+        seg = copy.deepcopy(build_segmentation(small_dx, left, right, ALGORITHMS.segmenter))
+        del seg.SegmentSequence
+        with pytest.raises(UnreadableResult):
+            reread(seg)
+
+    def test_broken_sr_raises(self, small_dx: Dataset) -> None:
+        left, right = ellipse_masks(small_dx.Rows, small_dx.Columns)
+        seg = build_segmentation(small_dx, left, right, ALGORITHMS.segmenter)
+        sr = copy.deepcopy(
+            build_report(
+                small_dx, seg, tb_score=0.3, threshold=0.5, areas_mm2=None, area_omission_reason="x",
+                algorithms=ALGORITHMS,
+            )
+        )
+        sr.ContentSequence[0].ValueType = "NUM"
+        with pytest.raises(UnreadableResult):
+            reread(sr)
