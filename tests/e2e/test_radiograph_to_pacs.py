@@ -87,9 +87,7 @@ def test_nema_chest_cr_sent_with_storescu(pacs_and_node, tmp_path: Path) -> None
     assert seg.StudyInstanceUID == ds.StudyInstanceUID
     assert seg.PatientID == ds.PatientID
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Left lung", "Right lung"]
-    lungs = seg.get_pixels_by_source_frame(
-        ds.SOPInstanceUID, source_frame_numbers=[1], segment_numbers=[1, 2],
-        assert_missing_frames_are_empty=True)[0]
+    lungs = seg.get_pixels_by_source_instance([ds.SOPInstanceUID], segment_numbers=[1, 2])[0]
     assert lungs.shape == (ds.Rows, ds.Columns, 2)
     fraction = lungs.any(axis=-1).mean()
     assert 0.08 < fraction < 0.5, f"lungs cover {fraction:.1%} of the image"
@@ -129,9 +127,7 @@ def test_dx_routed_by_orthanc_matches_reference_mask(pacs_and_node, tmp_path: Pa
     assert dciodvfy_errors(sr_bytes) == []
 
     seg = hd.seg.segread(io.BytesIO(seg_bytes))
-    lungs = seg.get_pixels_by_source_frame(
-        ds.SOPInstanceUID, source_frame_numbers=[1], segment_numbers=[1, 2],
-        assert_missing_frames_are_empty=True)[0].astype(bool)
+    lungs = seg.get_pixels_by_source_instance([ds.SOPInstanceUID], segment_numbers=[1, 2])[0].astype(bool)
     patient_left, patient_right = lungs[..., 0], lungs[..., 1]
     # Standard PA display (PatientOrientation L\F): the patient's left lung is on the image's right.
     columns = np.arange(ds.Columns)
