@@ -83,12 +83,16 @@ class Service:
         self.shutdown()
         return 0
 
+    def _receiving(self) -> bool:
+        """True while an established association is still open (a bare TCP probe does not count)."""
+        return self.ae is not None and any(a.is_established for a in self.ae.active_associations)
+
     def shutdown(self, grace_s: float = 60.0) -> None:
         self.stop.set()
         if self.server is not None:
             self.server.shutdown()  # stop accepting
             deadline = time.monotonic() + grace_s
-            while self.ae is not None and self.ae.active_associations and time.monotonic() < deadline:
+            while self._receiving() and time.monotonic() < deadline:
                 time.sleep(0.1)
         for thread in self.threads:
             thread.join(timeout=grace_s)
