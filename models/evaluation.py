@@ -1,0 +1,122 @@
+"""Evaluate the shipped models on any data folder, through the node's own inference path.
+
+:func:`evaluate` runs :meth:`models.inference.LungAnalyzer.analyze` (same class, same
+weights as the node) on every case and compares the masks with the data set's own masks
+at the masks' size (the prediction is mapped to that geometry by the shared transforms).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from models import data, metrics
+from models.inference import LungAnalyzer
+
+#: WHO target product profile for TB screening: sensitivity >= 0.90 with specificity >= 0.70.
+WHO_MIN_SENSITIVITY = 0.90
+WHO_MIN_SPECIFICITY = 0.70
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _summary(rows: list[dict[str, Any]], threshold: float, n_boot: int) -> dict[str, Any]:
+    seg = [r for r in rows if "dice" in r]
+    lab = [r for r in rows if r["label"] is not None]
+    y = np.array([r["label"] for r in lab], dtype=int)
+    s = np.array([r["score"] for r in lab], dtype=float)
+    both = len(y) > 0 and 0 < y.sum() < len(y)
+    auc = metrics.roc_auc(y, s) if both else float("nan")
+    ci = metrics.roc_auc_ci(y, s, n_boot=n_boot) if both else (float("nan"), float("nan"))
+    sens, spec = metrics.sensitivity_specificity(y, s, threshold) if len(y) else (float("nan"), float("nan"))
+    return {
+        "n_cases": len(rows),
+        "n_masks": len(seg),
+        "n_labelled": len(lab),
+        "lung_dice_mean": _mean([r["dice"] for r in seg]),
+        "lung_dice_min": float(min((r["dice"] for r in seg), default=float("nan"))),
+        "lung_jaccard_mean": _mean([r["jaccard"] for r in seg]),
+        "lung_hd95_mean": _mean([r["hd95"] for r in seg]),
+        "tb_auc": auc,
+        "tb_auc_ci95": list(ci),
+        "sensitivity": sens,
+        "specificity": spec,
+        "threshold": threshold,
+        "who_target_met": bool(sens >= WHO_MIN_SENSITIVITY and spec >= WHO_MIN_SPECIFICITY),
+    }
+
+
+def _clean(obj: Any) -> Any:
+    """Replace NaN/inf with None so the result is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def evaluate(
+    data_dir: str | Path,
+    split: str | None = None,
+    arch: str = "unet",
+    device: str = "auto",
+    weights_dir: str | Path | None = None,
+    n_boot: int = 2000,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Metrics of the shipped models on ``data_dir`` (``split`` None = all cases).
+
+    Keys: lung_dice_mean, lung_dice_min, lung_jaccard_mean, lung_hd95_mean, tb_auc,
+    tb_auc_ci95, sensitivity, specificity, threshold, who_target_met, n_cases, n_masks,
+    n_labelled, per_source {source: same metrics}, arch, split, segmenter, tb_model.
+    Undefined values (e.g. AUC with one class) are None.
+    """
+    cases = data.read_index(data_dir, split)
+    analyzer = LungAnalyzer.load(arch=arch, device=device, weights_dir=weights_dir)
+    rows: list[dict[str, Any]] = []
+    for case in tqdm(cases, desc=f"evaluate {arch}", disable=not progress, leave=False):
+        image = data.load_image(case.image_path)
+        truth = data.load_mask(case.mask_path) if case.mask_path is not None else None
+        result = analyzer.analyze(image, out_shape=truth.shape if truth is not None else None)
+        row: dict[str, Any] = {"case_id": case.case_id, "source": case.source, "label": case.tb_label,
+                               "score": result.tb_score}
+        if truth is not None:
+            row.update(dice=metrics.dice(result.lung_mask, truth), jaccard=metrics.jaccard(result.lung_mask, truth),
+                       hd95=metrics.hd95(result.lung_mask, truth))
+        rows.append(row)
+    out = _summary(rows, analyzer.tb_threshold, n_boot)
+    by_source: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_source[r["source"]].append(r)
+    out["per_source"] = {src: _summary(rs, analyzer.tb_threshold, n_boot) for src, rs in sorted(by_source.items())}
+    seg_id, tb_id = analyzer.segmenter_identity, analyzer.tb_identity
+    out.update(arch=arch, split=split, segmenter=f"{seg_id.name} {seg_id.version}", tb_model=f"{tb_id.name} {tb_id.version}")
+    return _clean(out)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A human-readable table of an :func:`evaluate` result."""
+
+    def f(v: Any, nd: int = 4) -> str:
+        return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+    head = f"{'':14}{'cases':>6}{'masks':>6}{'Dice':>8}{'Jaccard':>9}{'HD95 px':>9}{'TB AUC':>8}{'AUC 95% CI':>17}{'sens':>7}{'spec':>7}"
+    lines = [f"segmenter {result['segmenter']} ({result['arch']}), TB {result['tb_model']}, "
+             f"split {result['split'] or 'all'}, threshold {f(result['threshold'], 3)}", head]
+    for name, r in [("all", result)] + list(result["per_source"].items()):
+        ci = r["tb_auc_ci95"]
+        ci_s = "-" if ci[0] is None else f"{ci[0]:.3f}-{ci[1]:.3f}"
+        lines.append(f"{name:14}{r['n_cases']:>6}{r['n_masks']:>6}{f(r['lung_dice_mean']):>8}{f(r['lung_jaccard_mean']):>9}"
+                     f"{f(r['lung_hd95_mean'], 2):>9}{f(r['tb_auc'], 3):>8}{ci_s:>17}{f(r['sensitivity'], 3):>7}{f(r['specificity'], 3):>7}")
+    lines.append(f"WHO target (sens >= {WHO_MIN_SENSITIVITY}, spec >= {WHO_MIN_SPECIFICITY}) met: {'yes' if result['who_target_met'] else 'no'}")
+    return "\n".join(lines)

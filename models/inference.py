@@ -1,0 +1,114 @@
+"""The inference API the node calls: :class:`LungAnalyzer` -> :class:`LungAnalysis`.
+
+Evaluation (:mod:`models.evaluation`) uses exactly this class and the same shipped
+weights, so the reported metrics are the node's metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models import registry, transforms
+from models.identity import ModelIdentity
+
+
+@dataclass(frozen=True)
+class LungAnalysis:
+    """Result for one radiograph, in the input image's geometry."""
+
+    lung_mask: np.ndarray  # bool, same HxW as the input image, post-processed
+    image_left: np.ndarray  # bool HxW, the lung on the image's left half (patient's right on a PA view)
+    image_right: np.ndarray  # bool HxW, the lung on the image's right half
+    tb_score: float  # 0..1
+    segmenter: ModelIdentity
+    tb_model: ModelIdentity
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; ``cuda`` without a GPU is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return device
+
+
+class LungAnalyzer:
+    """Lung segmentation plus TB scoring with the shipped (checksummed) weights."""
+
+    def __init__(self, segmenter: registry.LoadedModel, tb_model: registry.LoadedModel) -> None:
+        self._seg = segmenter
+        self._tb = tb_model
+        self.device: str = segmenter.device
+        self.seg_size: int = int(segmenter.meta["input_size"])
+        self.seg_threshold: float = float(segmenter.meta.get("threshold", transforms.MASK_THRESHOLD))
+        self.tb_size: int = int(tb_model.meta["input_size"])
+        #: the shipped operating threshold (score >= threshold = "TB suspected")
+        self.tb_threshold: float = float(tb_model.meta["threshold"])
+
+    @classmethod
+    def load(
+        cls, arch: str = "unet", device: str = "auto", weights_dir: str | Path | None = None
+    ) -> "LungAnalyzer":
+        """Load (and checksum) the segmenter for ``arch`` and the TB scorer, once per process."""
+        if arch not in registry.SEGMENTER_FILES:
+            raise ValueError(f"unknown segmentation arch {arch!r}; choose from {', '.join(registry.SEGMENTER_FILES)}")
+        wd = Path(weights_dir) if weights_dir is not None else registry.WEIGHTS_DIR
+        dev = resolve_device(device)
+        seg = registry.load(registry.SEGMENTER_FILES[arch], dev, wd)
+        tb = registry.load(registry.TB_FILE, dev, wd)
+        return cls(seg, tb)
+
+    @property
+    def segmenter_identity(self) -> ModelIdentity:
+        """Identity of the segmentation weights."""
+        return self._seg.identity
+
+    @property
+    def tb_identity(self) -> ModelIdentity:
+        """Identity of the TB-scorer weights."""
+        return self._tb.identity
+
+    def lung_probabilities(self, net_image: np.ndarray) -> np.ndarray:
+        """Segmenter probabilities for a preprocessed ``seg_size`` image; float32."""
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(net_image, dtype=np.float32))[None, None].to(self.device)
+            return torch.sigmoid(self._seg.net(x))[0, 0].float().cpu().numpy()
+
+    def tb_probability(self, net_image: np.ndarray, lung_prob: np.ndarray) -> float:
+        """TB score for a preprocessed image and its lung probabilities."""
+        import torch
+
+        x = transforms.tb_input(net_image, lung_prob, self.tb_size)
+        with torch.inference_mode():
+            t = torch.from_numpy(x)[None].to(self.device)
+            return float(torch.sigmoid(self._tb.net(t)).reshape(-1)[0].item())
+
+    def analyze(self, image: np.ndarray, out_shape: tuple[int, int] | None = None) -> LungAnalysis:
+        """Segment the lungs and score TB on a 2-D display-oriented image of any size/range.
+
+        The masks come back in the image's geometry, or in ``out_shape`` (H, W) if given
+        (evaluation uses this when a data set's masks are larger than its images).
+        """
+        image = np.asarray(image)
+        net_image = transforms.preprocess(image, self.seg_size)
+        prob = self.lung_probabilities(net_image)
+        shape = tuple(out_shape) if out_shape is not None else image.shape
+        lungs = transforms.probabilities_to_masks(prob, shape, self.seg_threshold)
+        return LungAnalysis(
+            lung_mask=lungs.lung,
+            image_left=lungs.image_left,
+            image_right=lungs.image_right,
+            tb_score=self.tb_probability(net_image, prob),
+            segmenter=self._seg.identity,
+            tb_model=self._tb.identity,
+        )

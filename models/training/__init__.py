@@ -1,0 +1,1 @@
+"""Training loops for the lung segmenters and the TB scorer (torch imported lazily by callers)."""

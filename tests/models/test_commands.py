@@ -1,0 +1,127 @@
+"""The train/evaluate subcommands: smoke training runs, evaluation on the fixture, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+
+from models.__main__ import main
+
+
+def test_train_segmentation_and_tb_smoke_then_evaluate(fixture_dir, tmp_path, capsys):
+    weights = tmp_path / "weights"
+    for arch in ("unet", "resunet"):
+        out = tmp_path / arch
+        assert main(["train", "segmentation", "--data", str(fixture_dir), "--arch", arch, "--epochs", "1",
+                     "--size", "64", "--batch-size", "4", "--device", "cpu", "--out", str(out)]) == 0
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in log] == [1] and log[0]["loss"] > 0
+        # resume continues from the checkpoint: one more epoch, not a restart
+        assert main(["train", "segmentation", "--data", str(fixture_dir), "--arch", arch, "--epochs", "2",
+                     "--size", "64", "--batch-size", "4", "--device", "cpu", "--out", str(out), "--resume"]) == 0
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in log] == [1, 2]
+        meta = json.loads((out / f"lung-{arch}.json").read_text())
+        assert meta["input_size"] == 64 and meta["arch"] == arch and "--epochs 2" in meta["training"]["command"]
+    tb_out = tmp_path / "tb"
+    assert main(["train", "tb", "--data", str(fixture_dir), "--epochs", "1", "--size", "48", "--batch-size", "3",
+                 "--device", "cpu", "--out", str(tb_out), "--segmenter-dir", str(tmp_path / "unet")]) == 0
+    meta = json.loads((tb_out / "tb-scorer.json").read_text())
+    assert meta["input_size"] == 48 and 0 <= meta["threshold"] <= 1
+    # a weights folder made of the smoke outputs works with evaluate (same loader as the node)
+    weights.mkdir()
+    for src in (tmp_path / "unet", tb_out):
+        for f in src.glob("*.pt"):
+            shutil.copy(f, weights)
+        for f in src.glob("*.json"):
+            if f.name != "train_log.jsonl":
+                shutil.copy(f, weights)
+    (weights / "SHA256SUMS").write_text((tmp_path / "unet" / "SHA256SUMS").read_text() + (tb_out / "SHA256SUMS").read_text())
+    capsys.readouterr()
+    assert main(["evaluate", "--data", str(fixture_dir), "--weights", str(weights), "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_cases"] == 6 and 0 <= result["lung_dice_mean"] <= 1
+
+
+@pytest.mark.parametrize("arch", ["unet", "resunet"])
+def test_evaluate_shipped_models_on_fixture(fixture_dir, capsys, arch):
+    assert main(["evaluate", "--data", str(fixture_dir), "--split", "val", "--arch", arch, "--device", "cpu", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    for key in ("lung_dice_mean", "lung_jaccard_mean", "lung_hd95_mean", "tb_auc", "tb_auc_ci95", "sensitivity",
+                "specificity", "threshold", "who_target_met", "per_source", "n_cases"):
+        assert key in r
+    assert r["n_cases"] == 6 and r["n_masks"] == 5 and r["n_labelled"] == 6
+    assert 0.93 <= r["lung_dice_mean"] <= 1.0
+    assert 0.87 <= r["lung_jaccard_mean"] <= 1.0
+    assert 0 <= r["lung_hd95_mean"] < 15  # pixels at the fixture's 256 px
+    assert set(r["per_source"]) == {"montgomery", "shenzhen"}
+    assert r["per_source"]["montgomery"]["lung_dice_mean"] > 0.95
+    assert 0.5 <= r["tb_auc"] <= 1.0  # 3 TB vs 3 normal: only a sanity band
+    assert r["threshold"] == pytest.approx(json.loads(open("models/weights/tb-scorer.json").read())["threshold"])
+
+
+def test_evaluate_table(fixture_dir, capsys):
+    assert main(["evaluate", "--data", str(fixture_dir), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "montgomery" in out and "Dice" in out and "WHO target" in out
+
+
+def _copy_fixture(fixture_dir, tmp_path, edit):
+    d = tmp_path / "data"
+    shutil.copytree(fixture_dir, d)
+    rows = list(csv.DictReader((d / "index.csv").open()))
+    fields, rows = edit(list(rows[0]), rows)
+    with (d / "index.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return d
+
+
+def test_split_column_optional(fixture_dir, tmp_path, capsys):
+    d = _copy_fixture(fixture_dir, tmp_path, lambda f, r: ([c for c in f if c != "split"], r))
+    assert main(["evaluate", "--data", str(d), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_cases"] == 6
+
+
+@pytest.mark.parametrize(
+    "argv_tail, edit, message",
+    [
+        (["--data", "/no/such/folder"], None, "data folder not found"),
+        ([], "no_index", "no index.csv"),
+        ([], "bad_columns", "missing column(s) tb_label"),
+        ([], "bad_label", "tb_label must be 0, 1 or empty"),
+        (["--split", "test"], None, "no cases in split 'test'"),
+    ],
+)
+def test_bad_input_is_one_line_error(fixture_dir, tmp_path, argv_tail, edit, message):
+    data_dir = fixture_dir
+    if edit == "no_index":
+        data_dir = tmp_path
+    elif edit == "bad_columns":
+        data_dir = _copy_fixture(fixture_dir, tmp_path, lambda f, r: ([c for c in f if c != "tb_label"], r))
+    elif edit == "bad_label":
+        data_dir = _copy_fixture(fixture_dir, tmp_path, lambda f, r: (f, [dict(x, tb_label="yes") for x in r]))
+    argv = ["--data", str(data_dir)] + [a for a in argv_tail if a != "--data"]
+    if argv_tail[:1] == ["--data"]:
+        argv = argv_tail
+    for cmd in (["evaluate"], ["train", "segmentation"], ["train", "tb"]):
+        if "--split" in argv and cmd != ["evaluate"]:
+            continue
+        with pytest.raises(SystemExit) as exc:
+            main(cmd + argv)
+        text = str(exc.value.code)
+        assert text.startswith("cxrnode: error: ") and message in text and "\n" not in text
+
+
+def test_register_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import argparse, sys; from models.commands import register; p = argparse.ArgumentParser(); "
+            "register(p.add_subparsers()); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
