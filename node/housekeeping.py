@@ -3,6 +3,9 @@
 - ``reap``: jobs whose lease expired (their worker died or stalled) go back to the queue,
   or to ``failed`` once their attempts are used up.
 
+At start-up, ``recover`` also returns jobs held by processes of this host that are gone
+(``kill -9``, power loss), without waiting for their leases to expire.
+
 Retries that are due need no job of their own: a job waiting for a retry is simply not
 claimable until its ``next_attempt_at``.
 """
@@ -10,6 +13,8 @@ claimable until its ``next_attempt_at``.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -27,11 +32,30 @@ def reap(db: Database, max_attempts: int) -> list[int]:
     return reaped
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def recover(db: Database) -> list[int]:
+    """At start-up: take back the jobs of this host's dead processes at once."""
+    released = repository.release_orphans(db, socket.gethostname(), os.getpid(), pid_alive)
+    if released:
+        log.warning("recovered %d job(s) left by a process that ended: %s", len(released), released)
+    return released
+
+
 def start_scheduler(settings: Settings, db: Database) -> BackgroundScheduler:
     scheduler = BackgroundScheduler(timezone="UTC")
     scheduler.add_job(reap, "interval", seconds=settings.housekeeping.reap_interval_s,
                       args=[db, settings.worker.max_attempts], id="reap",
                       max_instances=1, coalesce=True)
     scheduler.start()
-    reap(db, settings.worker.max_attempts)  # at start-up too: recover after a crash at once
+    recover(db)
+    reap(db, settings.worker.max_attempts)
     return scheduler

@@ -25,6 +25,7 @@ from node.errors import SettingsError
 
 ENV_PREFIX = "CXRNODE_"
 CONFIG_ENV = "CXRNODE_CONFIG"
+FAULTS_ENV = "CXRNODE_FAULT_PAUSE"  # test-only fault injection, see node/faults.py
 
 _AE_TITLE_CHARS = re.compile(r"^[\x20-\x5b\x5d-\x7e]+$")  # default character repertoire, no backslash
 
@@ -301,7 +302,7 @@ def _parse_env_value(key: str, annotation: Any, raw: str) -> Any:
 
 def _env_overrides(env: typing.Mapping[str, str], raw: dict[str, Any]) -> None:
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+        if not name.startswith(ENV_PREFIX) or name in (CONFIG_ENV, FAULTS_ENV):
             continue
         rest = name[len(ENV_PREFIX):].lower()
         section = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)

@@ -182,22 +182,31 @@ class NodeProcess:
         self.config_file.write_text("\n".join(lines) + "\n")
         return self.config_file
 
-    def start(self, ready_timeout_s: float = 120) -> NodeProcess:
+    def start(self, ready_timeout_s: float = 120, env: dict[str, str] | None = None) -> NodeProcess:
+        """Start (or restart, keeping the data folder) with extra environment ``env``."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.write_config()
         log = open(self.workdir / "node.log", "ab")  # noqa: SIM115 - closed with the process
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CXRNODE_")}
+        log.write(b"----- start -----\n")
+        log.flush()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CXRNODE_")} | (env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node", "serve", "--config", str(self.config_file)],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         wait_for_port(self.port, ready_timeout_s, self.proc)
-        wait_until(lambda: b"cxrnode ready" in self.log_bytes(), ready_timeout_s,
-                   what="node ready")
+        wait_until(lambda: b"cxrnode ready" in self.log_bytes().rpartition(b"----- start -----")[2],
+                   ready_timeout_s, what="node ready")
         return self
 
     def log_bytes(self) -> bytes:
         path = self.workdir / "node.log"
         return path.read_bytes() if path.exists() else b""
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up of any kind (the crash tests)."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
         assert self.proc is not None

@@ -7,6 +7,7 @@ event history is the audit trail of every job.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -373,3 +374,29 @@ def instance_exists(db: Database, sop_instance_uid: str) -> bool:
         return session.scalar(
             select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
         ) is not None
+
+
+def release_orphans(db: Database, host: str, pid: int, alive: Callable[[int], bool]) -> list[int]:
+    """Return leased jobs whose owner process on ``host`` is gone (e.g. after ``kill -9``).
+
+    Owners are ``host:pid:role``. A lease held on this host by a pid that is not alive, or by
+    our own pid (a restarted container reuses pid 1), cannot be renewed by anyone: it goes
+    back at once instead of waiting for the lease to expire. Other hosts' leases are left to
+    expire and be reaped.
+    """
+    released: list[int] = []
+    with db.session() as session:
+        jobs = session.scalars(select(Job).where(Job.status.in_([s.value for s in LEASED]))).all()
+        for job in jobs:
+            owner_host, _, rest = (job.lease_owner or "").partition(":")
+            owner_pid = rest.partition(":")[0]
+            if owner_host != host or not owner_pid.isdigit():
+                continue
+            if int(owner_pid) != pid and alive(int(owner_pid)):
+                continue
+            job.next_attempt_at = utcnow()
+            target = JobStatus.ENCODED if job.status == JobStatus.SENDING else JobStatus.QUEUED
+            _move(session, job, target, "recover", "retry",
+                  f"owner {job.lease_owner} is gone (process ended)")
+            released.append(job.id)
+    return released

@@ -10,6 +10,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from node import faults
 from node.errors import PermanentSendError, TransientSendError
 from node.settings import Destination
 
@@ -60,7 +61,9 @@ def store(dest: Destination, files: list[Path], calling_ae_title: str, timeout_s
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "refused"
         raise TransientSendError(f"association with {dest.name} ({dest.host}:{dest.port}) {reason}")
     try:
-        for ds in datasets:
+        for index, ds in enumerate(datasets):
+            if index:
+                faults.pause("send")
             try:
                 status = assoc.send_c_store(ds)
             except ValueError as exc:  # no accepted presentation context for this SOP class

@@ -8,6 +8,7 @@ import socket
 import threading
 from pathlib import Path
 
+from node import faults
 from node.archive import Archive
 from node.errors import RejectedInput
 from node.queue import repository
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def worker_name(role: str) -> str:
+    """Lease owner id: ``host:pid:role``; see :func:`node.queue.repository.release_orphans`."""
     return f"{socket.gethostname()}:{os.getpid()}:{role}"
 
 
@@ -49,6 +51,7 @@ class InferenceWorker:
             return False
         instance = repository.instance_of(self.db, job_id)
         with LeaseKeeper(self.db, job_id, self.owner, cfg.lease_s) as lease:
+            faults.pause("infer")
             try:
                 outcome = self.pipeline.run(Path(instance.path))
             except RejectedInput as exc:

@@ -110,3 +110,19 @@ def test_discarded_job_and_status_counts(db: Database) -> None:
     assert status.counts["discarded"] == 1 and status.counts["queued"] == 1
     assert status.oldest_waiting_at is not None
     assert repo.get_job(db, a).discard_reason.startswith("ViewPosition LL")
+
+
+def test_jobs_of_a_dead_local_process_are_released_at_once(db: Database) -> None:
+    dead = repo.enqueue(db, received(1)).job_id
+    other_host = repo.enqueue(db, received(2)).job_id
+    living = repo.enqueue(db, received(3)).job_id
+    repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "here:111:infer", 600)
+    repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "there:111:infer", 600)
+    repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "here:222:infer", 600)
+    released = repo.release_orphans(db, "here", pid=999, alive=lambda pid: pid == 222)
+    assert released == [dead]
+    assert repo.get_job(db, dead).status == "queued"
+    assert repo.get_job(db, other_host).status == "processing"  # left to its lease
+    assert repo.get_job(db, living).status == "processing"
+    # A restarted container has the same pid as the dead process: its leases are orphans too.
+    assert repo.release_orphans(db, "here", pid=222, alive=lambda pid: True) == [living]
