@@ -74,10 +74,30 @@ def main() -> None:
     print("runs (s):", " ".join(f"{t:.2f}" for t in times))
     print(f"median C-STORE -> SEG+SR in Orthanc: {median:.2f} s ({args.device}, {args.arch})")
     if args.record:
-        with RESULTS.open("a") as out:
-            out.write(f"| {datetime.now(UTC):%Y-%m-%d} | store→PACS, NEMA CR 1955x1841 J2K | "
-                      f"{args.device} {args.arch} | {platform.node()} | median {median:.2f} s "
-                      f"(runs {', '.join(f'{t:.2f}' for t in times)}) |\n")
+        record(f"| {datetime.now(UTC):%Y-%m-%d %H:%M} | {args.device}, {args.arch} | "
+               f"{platform.node()} | {median:.2f} | {', '.join(f'{t:.2f}' for t in times)} |")
+
+
+START, END = "<!-- store_to_pacs: start -->", "<!-- store_to_pacs: end -->"
+HEADER = f"""{START}
+## C-STORE to SEG+SR stored in Orthanc (bench/bench_store_to_pacs.py)
+
+NEMA chest CR (JPEG 2000, 1955x1841), new UIDs each run, one warm-up run excluded; the clock runs
+from association request to both results listed by Orthanc's REST API (50 ms polling).
+Command: `python -m bench.bench_store_to_pacs --runs 5 --record`
+
+| when (UTC) | device, arch | host | median s | runs s |
+| --- | --- | --- | ---: | --- |
+{END}"""
+
+
+def record(row: str) -> None:
+    """Add ``row`` to this benchmark's own section of RESULTS.md, leaving other sections alone."""
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    if START not in text:
+        text = text.rstrip("\n") + "\n\n" + HEADER + "\n"
+    head, _, tail = text.partition(END)
+    RESULTS.write_text(f"{head}{row}\n{END}{tail}")
 
 
 if __name__ == "__main__":
