@@ -2,6 +2,11 @@
 
 Log lines carry UIDs, job ids and AE titles, never patient identifiers: no module logs a
 patient's name, ID, birth date or accession number, and the tests scan the logs for them.
+Libraries do quote header values in some messages (pydicom's "Unable to convert '<birth date>'
+to 'DA' object", highdicom's person-name warning): every line, traceback and captured warning
+passes through :func:`redact` before it is written.
+
+The log folder is 0700 and every log file, rotated ones included, 0600.
 """
 
 from __future__ import annotations
@@ -9,9 +14,57 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import re
 from pathlib import Path
+from typing import IO, Any
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+REDACTED = "<value withheld>"
+
+#: Library messages that quote a DICOM value (which may be a patient identifier).
+_VALUE_QUOTING = (
+    # pydicom.valuerep: "Invalid value for VR DA: '12/04/1936'."
+    (re.compile(r"(Invalid value for VR \w{2}: )(['\"]).*?\2"), rf"\1{REDACTED}"),
+    # pydicom.valuerep: "Unable to convert [non-conformant value ]'...' to 'DA' object"
+    (re.compile(r"(Unable to convert (?:non-conformant value )?)'[^\n]*'( to '\w{2}' object)"),
+     rf"\1{REDACTED}\2"),
+    # highdicom.valuerep: 'The string "NAME" is unlikely to represent the intended person name'
+    (re.compile(r"(The string )\"[^\n]*\"( is unlikely to represent)"), rf"\1{REDACTED}\2"),
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with the values that library messages quote replaced by a placeholder."""
+    for pattern, replacement in _VALUE_QUOTING:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats as usual (message, traceback, stack), then :func:`redact`\\ s the result."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log whose files (the current one and each new one after rollover) are 0600."""
+
+    def _open(self) -> IO[Any]:
+        stream = super()._open()
+        os.chmod(self.baseFilename, 0o600)
+        return stream
+
+
+def _private_dir(folder: Path) -> None:
+    """Create ``folder`` 0700 if missing, and its missing parents 0700 too (``mkdir -p`` would
+    make those with the process umask, e.g. a 0755 data folder)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for item in reversed(missing):
+        item.mkdir(mode=0o700, exist_ok=True)
 
 
 def configure(level: str, data_dir: Path | None = None) -> None:
@@ -20,16 +73,19 @@ def configure(level: str, data_dir: Path | None = None) -> None:
     root.setLevel(level.upper())
     for handler in list(root.handlers):
         root.removeHandler(handler)
+    formatter = RedactingFormatter(FORMAT)
     stream = logging.StreamHandler()
-    stream.setFormatter(logging.Formatter(FORMAT))
+    stream.setFormatter(formatter)
     root.addHandler(stream)
     if data_dir is not None:
         folder = data_dir / "logs"
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        file = folder / "cxrnode.log"
-        handler = logging.handlers.RotatingFileHandler(file, maxBytes=20_000_000, backupCount=5)
-        os.chmod(file, 0o600)
-        handler.setFormatter(logging.Formatter(FORMAT))
+        _private_dir(folder)
+        os.chmod(folder, 0o700)
+        handler = PrivateRotatingFileHandler(folder / "cxrnode.log", maxBytes=20_000_000,
+                                             backupCount=5)
+        handler.setFormatter(formatter)
         root.addHandler(handler)
+    logging.captureWarnings(True)  # warnings go through the handlers (and redact), not raw stderr
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, root.level))

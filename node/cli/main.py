@@ -7,6 +7,7 @@ Errors are one readable line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -43,7 +44,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from node import __version__
-    from node.cli import admin
+    from node.cli import admin, audit
 
     parser = argparse.ArgumentParser(prog="cxrnode", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"cxrnode {__version__}")
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", parents=[common], help="analyse and send only, against the same queue")
     p.set_defaults(func=cmd_worker)
     admin.register(sub, common)
+    audit.register(sub, common)
     config = sub.add_parser("config", help="check the configuration").add_subparsers(
         dest="config_command", required=True, metavar="ACTION")
     p = config.add_parser("check", parents=[common], help="validate and print the settings")
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    os.umask(0o077)  # archive, queue database, its -wal/-shm files and logs: service user only
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -31,12 +31,12 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 def make_engine(data_dir: Path) -> Engine:
     """Create the engine for the queue in ``data_dir`` and make sure the schema exists."""
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # SQLite gives its -wal and -shm files the database file's mode: create that file 0600 first.
+    os.close(os.open(data_dir / DATABASE_FILE, os.O_CREAT | os.O_RDWR, 0o600))
     engine = create_engine(sqlite_url(data_dir), future=True)
     event.listen(engine, "connect", _sqlite_pragmas)
     Base.metadata.create_all(engine)
-    db_file = data_dir / DATABASE_FILE
-    if db_file.exists():
-        os.chmod(db_file, 0o600)
+    os.chmod(data_dir / DATABASE_FILE, 0o600)
     return engine
 
 

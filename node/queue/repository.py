@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
 
+from node.logs import redact
 from node.queue.db import Database
 from node.queue.states import LEASED, FailStage, JobStatus, check_transition
 from node.queue.tables import Delivery, Instance, Job, JobEvent, utcnow
@@ -49,7 +50,7 @@ class LeaseLost(RuntimeError):
 
 def _event(session: Session, job: Job, step: str, outcome: str, message: str = "",
            *, from_status: str | None = None, to_status: str | None = None) -> None:
-    session.add(JobEvent(job_id=job.id, step=step, outcome=outcome, message=message,
+    session.add(JobEvent(job_id=job.id, step=step, outcome=outcome, message=redact(message),
                          from_status=from_status, to_status=to_status, at=utcnow()))
 
 
@@ -158,7 +159,7 @@ def note(db: Database, job_id: int, step: str, outcome: str, message: str = "") 
 def mark_discarded(db: Database, job_id: int, owner: str, reason: str) -> None:
     with db.session() as session:
         job = _held(session, job_id, owner)
-        job.discard_reason = reason
+        job.discard_reason = redact(reason)
         job.finished_at = utcnow()
         _move(session, job, JobStatus.DISCARDED, "select", "discarded", reason)
 
@@ -197,6 +198,7 @@ def mark_encoded(db: Database, job_id: int, owner: str, results: EncodedResults,
 def fail_attempt(db: Database, job_id: int, owner: str, error: str, *, max_attempts: int,
                  retry_delay_s: float) -> JobStatus:
     """An inference attempt failed: queue it again later, or fail it when attempts are used up."""
+    error = redact(error)
     with db.session() as session:
         job = _held(session, job_id, owner)
         job.last_error = error
@@ -224,6 +226,7 @@ def pending_deliveries(db: Database, job_id: int) -> list[str]:
 
 def record_delivery(db: Database, job_id: int, destination: str, error: str | None) -> int:
     """Record one send attempt to ``destination``; returns its attempt count."""
+    error = None if error is None else redact(error)
     with db.session() as session:
         delivery = session.scalar(
             select(Delivery).where(Delivery.job_id == job_id, Delivery.destination == destination)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator
+from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -114,3 +114,29 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
+
+
+class AssociationRecord(Base):
+    """One association (or refused connection) at the listener: who, how, and how it ended.
+
+    ``result`` is ``accepted`` while the association is open (or if the node stopped before it
+    ended), then ``released`` or ``aborted``; ``rejected`` with a ``reason`` when it was refused
+    (calling AE title not allowed, TLS handshake failed, too many associations).
+    """
+
+    __tablename__ = "associations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    peer_address: Mapped[str] = mapped_column(String(64))
+    peer_port: Mapped[int] = mapped_column(Integer)
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    called_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    tls: Mapped[bool] = mapped_column(Boolean, default=False)
+    tls_peer: Mapped[str | None] = mapped_column(String(256))
+    result: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    c_store: Mapped[int] = mapped_column(Integer, default=0)
+    c_store_failed: Mapped[int] = mapped_column(Integer, default=0)
+    c_echo: Mapped[int] = mapped_column(Integer, default=0)

@@ -49,6 +49,7 @@ TYPE2_PATIENT_STUDY_KEYWORDS = (
 _KEPT_AS_RECEIVED = frozenset(
     {*TYPE2_PATIENT_STUDY_KEYWORDS, "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"}
 )
+_DATE_TIME_VRS = frozenset({"DA", "DT", "TM"})
 _CHECKED_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UI"})  # string-valued
 
 
@@ -67,13 +68,17 @@ def encoding_source(source: Dataset) -> Dataset:
     left_out = {element.tag for element in source if _is_invalid_optional(element)}
     if "PixelSpacing" in source and spacing_attribute_mm(source, "PixelSpacing") is None:
         left_out.add(source["PixelSpacing"].tag)
-    if not missing and not left_out:
+    # A malformed date or time in a Type 2 attribute (e.g. PatientBirthDate "12/04/1936") would
+    # stop highdicom; such a value is copied empty, which Type 2 allows.
+    blanked = [e.keyword for e in source if e.keyword in TYPE2_PATIENT_STUDY_KEYWORDS
+               and e.VR in _DATE_TIME_VRS and not e.is_empty and _is_invalid(e)]
+    if not missing and not left_out and not blanked:
         return source
     copy = Dataset()
     for element in source:
-        if element.tag not in left_out:
+        if element.tag not in left_out and element.keyword not in blanked:
             copy.add(element)
-    for keyword in missing:
+    for keyword in (*missing, *blanked):
         setattr(copy, keyword, "")
     if hasattr(source, "file_meta"):
         copy.file_meta = source.file_meta
@@ -97,6 +102,10 @@ def no_identifier_warnings() -> Iterator[None]:
 def _is_invalid_optional(element: DataElement) -> bool:
     if element.keyword in _KEPT_AS_RECEIVED or element.VR not in _CHECKED_VRS or element.is_empty:
         return False
+    return _is_invalid(element)
+
+
+def _is_invalid(element: DataElement) -> bool:
     values = element.value if isinstance(element.value, MultiValue) else [element.value]
     try:
         for value in values:

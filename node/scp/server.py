@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
@@ -12,6 +13,8 @@ from node.archive import Archive
 from node.dicom import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES, VERIFICATION
 from node.queue.db import Database
 from node.scp import handlers
+from node.scp.associations import AssociationAudit, AuditedAssociationServer
+from node.errors import SettingsError
 from node.settings import Settings, TlsSettings
 
 log = logging.getLogger(__name__)
@@ -21,9 +24,17 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext:
     """Server-side TLS context from the settings; client certificates checked against the CA."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(tls.certificate, tls.private_key)
+    try:
+        context.load_cert_chain(tls.certificate, tls.private_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SettingsError(f"tls.certificate/tls.private_key: cannot load "
+                            f"{tls.certificate} with {tls.private_key}: {exc}") from None
     if tls.ca_certificates:
-        context.load_verify_locations(tls.ca_certificates)
+        try:
+            context.load_verify_locations(tls.ca_certificates)
+        except (OSError, ssl.SSLError) as exc:
+            raise SettingsError(f"tls.ca_certificates: cannot load {tls.ca_certificates}: "
+                                f"{exc}") from None
     context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
     return context
 
@@ -44,20 +55,28 @@ def build_ae(settings: Settings) -> AE:
 
 
 def start(settings: Settings, db: Database, archive: Archive) -> tuple[AE, ThreadedAssociationServer]:
-    """Start listening (non-blocking); returns the AE and its server."""
+    """Start listening (non-blocking); returns the AE and its server.
+
+    Every association (accepted, rejected, released, aborted) and every failed TLS handshake is
+    logged and written to the audit trail (:mod:`node.scp.associations`).
+    """
     ae = build_ae(settings)
     ctx = handlers.StoreContext(db=db, archive=archive,
                                 min_free_bytes=settings.node.min_free_disk_mb * 1024 * 1024)
+    associations = AssociationAudit(db)
     evt_handlers = [
         (evt.EVT_C_ECHO, handlers.handle_echo),
         (evt.EVT_C_STORE, handlers.handle_store, [ctx]),
-        (evt.EVT_ACCEPTED, handlers.handle_accepted),
-        (evt.EVT_REJECTED, handlers.handle_rejected),
-        (evt.EVT_ABORTED, handlers.handle_aborted),
+        *associations.handlers(),
     ]
     ssl_context = tls_context(settings.tls) if settings.tls.enabled else None
-    server = ae.start_server((settings.node.host, settings.node.port), block=False,
-                             evt_handlers=evt_handlers, ssl_context=ssl_context)
+    server = ae.make_server((settings.node.host, settings.node.port), ssl_context=ssl_context,
+                            evt_handlers=evt_handlers, server_class=AuditedAssociationServer)
+    server.audit = associations
+    server.handshake_timeout_s = settings.node.network_timeout_s
+    thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
+    thread.start()
+    ae._servers.append(server)  # so that ae.shutdown() stops it, as ae.start_server does
     host, port = server.server_address[:2]
     log.info("listening as %s on %s:%d%s", settings.node.ae_title, host, port,
              " (TLS)" if ssl_context else "")

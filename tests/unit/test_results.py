@@ -390,3 +390,21 @@ class TestReread:
         sr.ContentSequence[0].ValueType = "NUM"
         with pytest.raises(UnreadableResult):
             reread(sr)
+
+
+def test_malformed_birth_date_is_copied_empty_and_results_stay_valid() -> None:
+    from node.results.algorithm import Algorithm
+    from node.results.seg import build_segmentation
+    from node.results.source import encoding_source
+
+    source = make_dx(Path(__file__).parents[1] / "data" / "MCUCXR_0017_0.png", size=(256, 256))
+    source.PatientBirthDate = "12/04/1936"
+    encodable = encoding_source(source)
+    assert encodable.PatientBirthDate == "" and source.PatientBirthDate == "12/04/1936"
+    assert encodable.PatientID == source.PatientID
+    lungs = np.zeros((256, 256), dtype=bool)
+    lungs[60:200, 140:220] = True
+    seg = build_segmentation(source, lungs, np.fliplr(lungs),
+                             Algorithm("cxrnode-lung-unet", "1.0.0", "0" * 64))
+    assert seg.PatientBirthDate == ""
+    assert dciodvfy_errors(seg) == []
