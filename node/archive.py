@@ -4,6 +4,8 @@ Layout under ``data_dir``::
 
     archive/tmp/                         partial writes; never read
     archive/received/<study>/<sop>.dcm   objects as received (bytes untouched)
+    archive/received/<study>/<sop>.v2.dcm  a later object with the same SOP Instance UID but
+                                         different bytes (v3, v4, ...: see :meth:`Archive.keep_version`)
     archive/results/<job>/seg.dcm        the Segmentation made for a job
     archive/results/<job>/sr.dcm         the Structured Report made for a job
 
@@ -14,6 +16,7 @@ user only.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -31,6 +34,25 @@ def check_uid(uid: str) -> str:
     if not (0 < len(uid) <= 64 and _UID.match(uid)):
         raise UnsafeUID(f"{uid[:80]!r} is not a valid DICOM UID")
     return uid
+
+
+def _sha256(path: Path) -> bytes | None:
+    """SHA-256 of a file's bytes, None if it does not exist."""
+    try:
+        with path.open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").digest()
+    except FileNotFoundError:
+        return None
+
+
+def make_private_dirs(folder: Path) -> None:
+    """``mkdir -p`` where every folder it creates is 0700, whatever the process umask."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for item in reversed(missing):
+        item.mkdir(mode=0o700, exist_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -53,12 +75,32 @@ class Archive:
     def received_path(self, study_instance_uid: str, sop_instance_uid: str) -> Path:
         return self.root / "received" / check_uid(study_instance_uid) / f"{check_uid(sop_instance_uid)}.dcm"
 
+    def keep_version(self, first: Path, data: bytes) -> Path | None:
+        """Keep ``data``, received again under the SOP Instance UID archived at ``first``.
+
+        Returns None when ``data`` is byte-identical (SHA-256) to ``first``. Otherwise returns
+        the version file holding it, next to ``first``: an existing ``<sop>.v<N>.dcm`` with the
+        same bytes, else the next free N (from 2), written atomically. A missing ``first``
+        (never expected) counts as different, so nothing received is ever dropped.
+        """
+        digest = hashlib.sha256(data).digest()
+        if _sha256(first) == digest:
+            return None
+        stem = first.name.removesuffix(".dcm")
+        number = 2
+        while (candidate := first.with_name(f"{stem}.v{number}.dcm")).exists():
+            if _sha256(candidate) == digest:
+                return candidate
+            number += 1
+        self.write_atomic(candidate, data)
+        return candidate
+
     def results_dir(self, job_id: int) -> Path:
         return self.root / "results" / str(int(job_id))
 
     def write_atomic(self, path: Path, data: bytes | memoryview) -> int:
         """Write ``data`` to ``path`` so that it is either complete or absent; returns its size."""
-        self._make_dirs(path.parent)
+        make_private_dirs(path.parent)
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -72,14 +114,6 @@ class Archive:
             raise
         _fsync_dir(path.parent)
         return len(data)
-
-    def _make_dirs(self, folder: Path) -> None:
-        missing = []
-        while not folder.exists():
-            missing.append(folder)
-            folder = folder.parent
-        for item in reversed(missing):
-            item.mkdir(mode=0o700, exist_ok=True)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free

@@ -6,6 +6,7 @@ Hierarchy::
     ├── SettingsError        bad configuration; start-up stops, the message names the key
     ├── RejectedInput        a received object the node will not analyse (stored, discarded with the reason)
     ├── InferenceError       the networks could not run on an accepted object
+    ├── EncodingError        the SEG or SR could not be built (deterministic: not retried)
     └── SendError            a C-STORE of results failed
         ├── TransientSendError   worth retrying (peer down, association rejected, busy)
         └── PermanentSendError   retrying will not help (SOP class refused, invalid object)
@@ -28,6 +29,10 @@ class RejectedInput(NodeError):
 
 class InferenceError(NodeError):
     """The models could not produce a result."""
+
+
+class EncodingError(NodeError):
+    """The results could not be encoded; the same input would fail the same way again."""
 
 
 class SendError(NodeError):

@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 __all__ = [
+    "MAX_ROWS_COLUMNS",
     "PixelSpacing",
     "UnreadablePixels",
     "display_pixels",
@@ -35,6 +36,14 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Exceptions that never mean "this input is bad", so are never turned into UnreadablePixels.
+_NOT_INPUT_ERRORS = (MemoryError, KeyboardInterrupt, SystemExit, GeneratorExit)
+
+#: Larger Rows or Columns are refused before decoding. The largest chest detectors are about
+#: 4,300 pixels a side; the limit keeps a forged header from making the worker allocate
+#: gigabytes (8,192 x 8,192 as float64 is 512 MiB).
+MAX_ROWS_COLUMNS = 8192
 
 SpacingAttribute = Literal["ImagerPixelSpacing", "PixelSpacing"]
 
@@ -92,21 +101,39 @@ def display_pixels(ds: Dataset) -> np.ndarray:
        MONOCHROME2 with Presentation LUT Shape INVERSE), so that 1 is always
        bright, i.e. dense (bone), on the returned array.
 
-    Multi-frame objects (Number of Frames > 1) are refused for now: a chest
-    radiograph is one frame, and choosing a frame of a multi-frame object
-    silently would risk analysing the wrong image. Colour images (Samples per
-    Pixel != 1) are refused too.
+    Multi-frame objects (Number of Frames > 1) are refused (a documented
+    choice): a chest radiograph is one frame, and choosing a frame of a
+    multi-frame object silently would risk analysing the wrong image; the
+    worker discards them with this reason. Colour images (Samples per Pixel
+    != 1) and Rows or Columns above :data:`MAX_ROWS_COLUMNS` are refused too.
 
     Raises:
-        UnreadablePixels: Pixel Data, Rows or Columns missing or empty;
-            multi-frame; not MONOCHROME1/2; Pixel Data that cannot be decoded
-            or is shorter than Rows x Columns x Bits Allocated says.
+        UnreadablePixels: the only exception for any input. Pixel Data, Rows or
+            Columns missing, empty or malformed; multi-frame; not MONOCHROME1/2;
+            too large; Pixel Data that cannot be decoded or is shorter than
+            Rows x Columns x Bits Allocated says; values not finite.
+        MemoryError: not caught (the job is retried, not discarded).
     """
     _check_pixel_attributes(ds)
     try:
+        return _display(ds)
+    except (UnreadablePixels, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a header value the LUT steps cannot use
+        raise UnreadablePixels(f"pixels cannot be displayed: {type(exc).__name__}") from exc
+
+
+def _display(ds: Dataset) -> np.ndarray:
+    try:
         stored = ds.pixel_array
-    except Exception as exc:  # decoders raise many types: normalise them
-        raise UnreadablePixels(f"Pixel Data cannot be decoded: {type(exc).__name__}: {exc}") from exc
+    except _NOT_INPUT_ERRORS:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - decoders raise many types, see below
+        # Native decoders are part of the input surface: pylibjpeg-rle (Rust) raises
+        # pyo3_runtime.PanicException, a BaseException, on a corrupt RLE segment; left
+        # uncaught it would end the worker thread instead of discarding the object.
+        raise UnreadablePixels(
+            f"Pixel Data cannot be decoded: {type(exc).__name__}: {str(exc)[:200]}") from exc
     if stored.shape != (int(ds.Rows), int(ds.Columns)):
         raise UnreadablePixels(
             f"decoded pixels have shape {stored.shape}, expected (Rows, Columns) = "
@@ -116,11 +143,12 @@ def display_pixels(ds: Dataset) -> np.ndarray:
     try:
         values = np.asarray(apply_modality_lut(stored, ds))
     except Exception as exc:
-        raise UnreadablePixels(f"Modality LUT / Rescale cannot be applied: {exc}") from exc
+        raise UnreadablePixels(
+            f"Modality LUT / Rescale cannot be applied: {type(exc).__name__}") from exc
     values = _apply_voi(values, ds).astype(np.float64, copy=False)
 
     low, high = float(values.min()), float(values.max())
-    if not (math.isfinite(low) and math.isfinite(high)):
+    if not (math.isfinite(low) and math.isfinite(high) and math.isfinite(high - low)):
         raise UnreadablePixels("pixel values are not finite after the Modality and VOI LUTs")
     if high > low:
         scaled = ((values - low) / (high - low)).astype(np.float32)
@@ -185,30 +213,55 @@ def patient_left_on_image_right(ds: Dataset) -> bool:
 
 
 def _check_pixel_attributes(ds: Dataset) -> None:
+    try:
+        _check_header(ds)
+    except UnreadablePixels:
+        raise
+    except Exception as exc:  # a malformed element: name the problem, never a value
+        raise UnreadablePixels(f"image header cannot be read: {type(exc).__name__}") from exc
+
+
+def _check_header(ds: Dataset) -> None:
     for keyword in ("Rows", "Columns"):
-        value = ds.get(keyword)
-        if value is None or value == "" or int(value) <= 0:
+        value = _single_int(ds, keyword)
+        if value is None or value <= 0:
             raise UnreadablePixels(f"{keyword} is missing or zero")
+        if value > MAX_ROWS_COLUMNS:
+            raise UnreadablePixels(
+                f"{keyword} {value} is larger than {MAX_ROWS_COLUMNS}: not a projection radiograph")
     if "PixelData" not in ds or not ds.PixelData:
         raise UnreadablePixels("Pixel Data is missing or empty")
-    frames = ds.get("NumberOfFrames")
-    try:
-        number_of_frames = int(frames) if frames not in (None, "") else 1
-    except (TypeError, ValueError) as exc:
-        raise UnreadablePixels("Number of Frames is not an integer") from exc
-    if number_of_frames > 1:
+    number_of_frames = _single_int(ds, "NumberOfFrames")
+    if number_of_frames is not None and number_of_frames > 1:
         raise UnreadablePixels(
             f"multi-frame objects are not supported ({number_of_frames} frames): "
             "send a single-frame chest radiograph"
         )
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+    if (_single_int(ds, "SamplesPerPixel") or 1) != 1:
         raise UnreadablePixels("only grayscale images (Samples per Pixel = 1) are supported")
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise UnreadablePixels(
-            f"Photometric Interpretation {photometric or '(missing)'} is not supported; "
+            f"Photometric Interpretation {photometric[:16] or '(missing)'} is not supported; "
             "expected MONOCHROME1 or MONOCHROME2"
         )
+
+
+def _single_int(ds: Dataset, keyword: str) -> int | None:
+    """An integer attribute's value; None when absent or empty.
+
+    Raises:
+        UnreadablePixels: the value is not one integer (several values, text, a float).
+    """
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, (bytes, list, tuple)) or not float(value).is_integer():
+            raise TypeError
+        return int(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UnreadablePixels(f"{keyword} is not an integer") from exc
 
 
 def _apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -241,7 +294,7 @@ def spacing_attribute_mm(ds: Dataset, keyword: SpacingAttribute) -> PixelSpacing
         if raw is None or raw == "":
             return None
         values = [float(v) for v in (raw if not isinstance(raw, (str, float, int)) else [raw])]
-    except (TypeError, ValueError, OverflowError):
+    except Exception:  # noqa: BLE001 - malformed (even undecodable) spacing is no spacing
         return None
     if len(values) != 2:
         return None

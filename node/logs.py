@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import IO, Any
 
+from node.archive import make_private_dirs
+
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 REDACTED = "<value withheld>"
 
@@ -56,17 +58,6 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
         return stream
 
 
-def _private_dir(folder: Path) -> None:
-    """Create ``folder`` 0700 if missing, and its missing parents 0700 too (``mkdir -p`` would
-    make those with the process umask, e.g. a 0755 data folder)."""
-    missing = []
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    for item in reversed(missing):
-        item.mkdir(mode=0o700, exist_ok=True)
-
-
 def configure(level: str, data_dir: Path | None = None) -> None:
     """Log to stderr and, when ``data_dir`` is given, to ``<data_dir>/logs/cxrnode.log`` (0600)."""
     root = logging.getLogger()
@@ -79,7 +70,7 @@ def configure(level: str, data_dir: Path | None = None) -> None:
     root.addHandler(stream)
     if data_dir is not None:
         folder = data_dir / "logs"
-        _private_dir(folder)
+        make_private_dirs(folder)
         os.chmod(folder, 0o700)
         handler = PrivateRotatingFileHandler(folder / "cxrnode.log", maxBytes=20_000_000,
                                              backupCount=5)

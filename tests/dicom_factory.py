@@ -12,14 +12,18 @@ it works offline.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import os
+import subprocess
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     UID,
@@ -27,6 +31,10 @@ from pydicom.uid import (
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
     PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
@@ -34,10 +42,14 @@ from pydicom.uid import (
 __all__ = [
     "DATA_DIR",
     "FIXTURE_DIR",
+    "dataset_bytes",
+    "dcmtk_compress",
     "make_cr",
     "make_dx",
+    "make_multiframe",
     "montgomery_case",
     "nema_chest_cr_path",
+    "part10_bytes",
     "reference_lung_masks",
 ]
 
@@ -332,3 +344,61 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
     item.CodingSchemeDesignator = scheme
     item.CodeMeaning = meaning
     return item
+
+
+def make_multiframe(ds: Dataset, frames: int = 2) -> Dataset:
+    """A copy of a native single-frame object with ``frames`` identical frames.
+
+    Number of Frames is added to a CR / DX header (which does not define it): such objects
+    are sent by some modalities all the same.
+    """
+    if ds.file_meta.TransferSyntaxUID not in _NATIVE:
+        raise ValueError("make_multiframe needs a native (uncompressed) dataset")
+    multi = copy.deepcopy(ds)
+    multi.NumberOfFrames = frames
+    multi.PixelData = bytes(ds.PixelData) * frames
+    return multi
+
+
+def dataset_bytes(ds: Dataset) -> bytes:
+    """``ds`` encoded (without file meta) in its file meta's Transfer Syntax, as a C-STORE carries it."""
+    syntax = UID(ds.file_meta.TransferSyntaxUID)
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = syntax.is_little_endian, syntax.is_implicit_VR
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+def part10_bytes(file_meta: FileMetaDataset, dataset: bytes) -> bytes:
+    """A DICOM file: preamble, ``DICM``, ``file_meta`` exactly as given, then ``dataset`` unchanged.
+
+    Unlike ``Dataset.save_as`` nothing in the file meta is made consistent with the dataset,
+    so a test can send a request whose UIDs differ from the dataset's, or mangled dataset bytes.
+    """
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_file_meta_info(buffer, file_meta, enforce_standard=True)
+    return b"\x00" * 128 + b"DICM" + buffer.getvalue() + dataset
+
+
+def dcmtk_compress(ds: Dataset, transfer_syntax: str, workdir: Path) -> Dataset:
+    """``ds`` (native) compressed by dcmtk's ``dcmcjpeg``: JPEG baseline (8-bit images),
+    extended (12-bit) or lossless (process 14 / SV1), which pydicom cannot encode."""
+    from pydicom import dcmread
+
+    from tests.servers import dcmtk
+
+    options = {JPEGBaseline8Bit: "+eb", JPEGExtended12Bit: "+ee", JPEGLossless: "+el",
+               JPEGLosslessSV1: "+e1"}
+    transfer_syntax = UID(transfer_syntax)
+    if transfer_syntax not in options:
+        raise ValueError(f"dcmcjpeg does not make {transfer_syntax.name}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    source, target = workdir / f"{ds.SOPInstanceUID}.in.dcm", workdir / f"{ds.SOPInstanceUID}.jpg.dcm"
+    ds.save_as(source, enforce_file_format=True)
+    subprocess.run([dcmtk("dcmcjpeg"), options[transfer_syntax], str(source), str(target)],
+                   check=True, capture_output=True, timeout=120)
+    compressed = dcmread(target)
+    if compressed.file_meta.TransferSyntaxUID != transfer_syntax:
+        raise RuntimeError(f"dcmcjpeg wrote {compressed.file_meta.TransferSyntaxUID}")
+    return compressed

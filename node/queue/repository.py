@@ -196,13 +196,14 @@ def mark_encoded(db: Database, job_id: int, owner: str, results: EncodedResults,
 
 
 def fail_attempt(db: Database, job_id: int, owner: str, error: str, *, max_attempts: int,
-                 retry_delay_s: float) -> JobStatus:
-    """An inference attempt failed: queue it again later, or fail it when attempts are used up."""
+                 retry_delay_s: float, give_up: bool = False) -> JobStatus:
+    """An inference attempt failed: queue it again later, or fail it when attempts are used up
+    (at once with ``give_up``: a deterministic error that a retry would repeat)."""
     error = redact(error)
     with db.session() as session:
         job = _held(session, job_id, owner)
         job.last_error = error
-        if job.attempts >= max_attempts:
+        if give_up or job.attempts >= max_attempts:
             job.fail_stage = FailStage.INFERENCE
             job.finished_at = utcnow()
             _move(session, job, JobStatus.FAILED, "infer", "failed",

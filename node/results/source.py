@@ -27,6 +27,7 @@ from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
+from pydicom.datadict import dictionary_VR
 from pydicom.valuerep import validate_value
 
 from node.imaging import spacing_attribute_mm
@@ -49,7 +50,6 @@ TYPE2_PATIENT_STUDY_KEYWORDS = (
 _KEPT_AS_RECEIVED = frozenset(
     {*TYPE2_PATIENT_STUDY_KEYWORDS, "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"}
 )
-_DATE_TIME_VRS = frozenset({"DA", "DT", "TM"})
 _CHECKED_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UI"})  # string-valued
 
 
@@ -68,18 +68,20 @@ def encoding_source(source: Dataset) -> Dataset:
     left_out = {element.tag for element in source if _is_invalid_optional(element)}
     if "PixelSpacing" in source and spacing_attribute_mm(source, "PixelSpacing") is None:
         left_out.add(source["PixelSpacing"].tag)
-    # A malformed date or time in a Type 2 attribute (e.g. PatientBirthDate "12/04/1936") would
-    # stop highdicom; such a value is copied empty, which Type 2 allows.
-    blanked = [e.keyword for e in source if e.keyword in TYPE2_PATIENT_STUDY_KEYWORDS
-               and e.VR in _DATE_TIME_VRS and not e.is_empty and _is_invalid(e)]
-    if not missing and not left_out and not blanked:
+    # A malformed Type 2 value (a birth date "12/04/1936", a date stored with a binary VR, two
+    # patient names) would stop highdicom: such a value is repaired in the copy, see _repair.
+    repaired = {e.keyword: _repair(e) for e in source
+                if e.keyword in TYPE2_PATIENT_STUDY_KEYWORDS and not e.is_empty and _malformed(e)}
+    if not missing and not left_out and not repaired:
         return source
     copy = Dataset()
     for element in source:
-        if element.tag not in left_out and element.keyword not in blanked:
+        if element.tag not in left_out and element.keyword not in repaired:
             copy.add(element)
-    for keyword in (*missing, *blanked):
+    for keyword in missing:
         setattr(copy, keyword, "")
+    for keyword, value in repaired.items():
+        setattr(copy, keyword, value)
     if hasattr(source, "file_meta"):
         copy.file_meta = source.file_meta
     return copy
@@ -103,6 +105,23 @@ def _is_invalid_optional(element: DataElement) -> bool:
     if element.keyword in _KEPT_AS_RECEIVED or element.VR not in _CHECKED_VRS or element.is_empty:
         return False
     return _is_invalid(element)
+
+
+def _malformed(element: DataElement) -> bool:
+    """A Type 2 patient/study value with the wrong VR, more than one value, or an invalid value."""
+    if element.VR != dictionary_VR(element.tag) or isinstance(element.value, MultiValue):
+        return True
+    return element.VR in _CHECKED_VRS and _is_invalid(element)
+
+
+def _repair(element: DataElement) -> str:
+    """The value the results carry instead: the first of several valid values, else empty."""
+    if element.VR == dictionary_VR(element.tag) and isinstance(element.value, MultiValue):
+        first = element.value[0]
+        candidate = DataElement(element.tag, element.VR, first)
+        if element.VR not in _CHECKED_VRS or not _is_invalid(candidate):
+            return str(first)
+    return ""
 
 
 def _is_invalid(element: DataElement) -> bool:

@@ -8,10 +8,16 @@ UID only, never a patient identifier.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from hashlib import sha256
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pynetdicom import events
+from sqlalchemy.exc import SQLAlchemyError
 
 from node.archive import Archive, UnsafeUID, check_uid
 from node.dicom import Status
@@ -21,6 +27,30 @@ from node.queue.db import Database
 log = logging.getLogger(__name__)
 
 
+class KeyedLocks:
+    """One lock per key (a SOP Instance UID), created on demand and dropped when unused."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._guard:
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
+
+
 @dataclass(frozen=True)
 class StoreContext:
     """What the C-STORE handler needs, bound when the server starts."""
@@ -28,6 +58,7 @@ class StoreContext:
     db: Database
     archive: Archive
     min_free_bytes: int
+    locks: KeyedLocks = field(default_factory=KeyedLocks)
 
 
 def _peer(event: events.Event) -> str:
@@ -40,40 +71,114 @@ def handle_echo(event: events.Event) -> int:
     return Status.SUCCESS
 
 
-def handle_store(event: events.Event, ctx: StoreContext) -> int | Dataset:
-    """EVT_C_STORE: archive, enqueue, then answer."""
-    sop_instance_uid = str(event.request.AffectedSOPInstanceUID)
-    calling = event.assoc.requestor.ae_title
-    if ctx.archive.free_bytes() < ctx.min_free_bytes:
-        log.error("C-STORE %s refused: free disk below the configured minimum", sop_instance_uid)
-        return Status.OUT_OF_RESOURCES
-    try:
-        check_uid(sop_instance_uid)
-        ds = event.dataset
-        study_uid = check_uid(str(ds.StudyInstanceUID))
-        series_uid = check_uid(str(ds.SeriesInstanceUID))
-        if str(ds.SOPInstanceUID) != sop_instance_uid:
-            raise ValueError("SOPInstanceUID differs from the request's Affected SOP Instance UID")
-    except (UnsafeUID, AttributeError, KeyError, ValueError) as exc:
-        log.warning("C-STORE %s refused: %s", sop_instance_uid[:64], exc)
-        return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
-    except Exception as exc:  # noqa: BLE001 - any decode failure is the sender's data
-        log.warning("C-STORE %s refused: cannot decode: %s", sop_instance_uid, exc)
-        return Status.CANNOT_UNDERSTAND
+def handle_store(event: events.Event, ctx: StoreContext) -> int:
+    """EVT_C_STORE: archive, enqueue, then answer.
 
-    if repository.instance_exists(ctx.db, sop_instance_uid):
-        result = repository.enqueue(ctx.db, _received(event, study_uid, series_uid, "", 0))
-        log.info("C-STORE %s: duplicate of job %d, acknowledged", sop_instance_uid, result.job_id)
-        return Status.SUCCESS
-    try:
-        path = ctx.archive.received_path(study_uid, sop_instance_uid)
-        size = ctx.archive.write_atomic(path, event.encoded_dataset())
-        result = repository.enqueue(ctx.db, _received(event, study_uid, series_uid, str(path), size))
-    except OSError as exc:
-        log.error("C-STORE %s: cannot archive: %s", sop_instance_uid, exc)
+    Statuses:
+
+    * 0x0000 Success: the bytes as received are fsync'd in the archive and the job committed
+      (or the instance was already here, see below);
+    * 0xA700 Out of Resources: free disk below the minimum, or the archive or the queue
+      database cannot be written (nothing is acknowledged, the sender retries);
+    * 0xA900 Data Set Does Not Match SOP Class: Study / Series / SOP Instance UID missing or
+      not a valid UID (e.g. ``../``: nothing is written, no path is built from it), or the
+      dataset's SOP Instance UID differs from the request's;
+    * 0xC210 Cannot Understand: the dataset cannot be decoded.
+
+    Pixel Data and the rest of the header are not checked here: an object that is stored but
+    cannot be analysed is discarded by the worker with the reason (it would only be resent).
+
+    Duplicates (a SOP Instance UID already received) are answered Success and are *not*
+    processed again: results are derived deterministically from the SOP Instance UID, so a
+    second analysis could only replace the first results with objects of the same UIDs.
+    Nothing is lost either: the received bytes are compared (SHA-256) with the archived
+    object. Identical bytes only add a ``receive duplicate`` event to the existing job.
+    Different bytes are archived next to the first as ``<sop>.v<N>.dcm`` (N = 2, 3, ...; bytes
+    identical to an existing version reuse it) and the job gets a ``receive
+    duplicate-different`` event naming the version file. Stores of one SOP Instance UID are
+    serialised, so two concurrent senders of the same UID cannot overwrite each other.
+    """
+    request_uid = str(event.request.AffectedSOPInstanceUID)
+    if ctx.archive.free_bytes() < ctx.min_free_bytes:
+        log.error("C-STORE %s refused: free disk below the configured minimum", request_uid[:64])
         return Status.OUT_OF_RESOURCES
-    log.info("C-STORE %s from %s: archived, job %d queued", sop_instance_uid, calling,
-             result.job_id)
+    checked = _check_uids(event, request_uid)
+    if isinstance(checked, int):
+        return checked
+    study_uid, series_uid = checked
+    try:
+        with ctx.locks.hold(request_uid):
+            if repository.instance_exists(ctx.db, request_uid):
+                return _store_duplicate(event, ctx, study_uid, series_uid)
+            return _store_new(event, ctx, study_uid, series_uid)
+    except (OSError, SQLAlchemyError) as exc:
+        log.error("C-STORE %s: cannot archive or queue: %s", request_uid, type(exc).__name__)
+        return Status.OUT_OF_RESOURCES
+
+
+def _check_uids(event: events.Event, request_uid: str) -> tuple[str, str] | int:
+    """(Study, Series Instance UID) of a decodable dataset with valid UIDs, else the status."""
+    try:
+        ds = event.dataset
+    except Exception as exc:  # noqa: BLE001 - any decode failure is the sender's data
+        log.warning("C-STORE %s refused: cannot decode: %s", request_uid[:64], type(exc).__name__)
+        return Status.CANNOT_UNDERSTAND
+    try:
+        check_uid(request_uid)
+        study_uid = check_uid(_uid(ds, "StudyInstanceUID"))
+        series_uid = check_uid(_uid(ds, "SeriesInstanceUID"))
+        if _uid(ds, "SOPInstanceUID") != request_uid:
+            raise _NotMatching("SOPInstanceUID differs from the request's Affected SOP Instance UID")
+    except (UnsafeUID, _NotMatching) as exc:
+        log.warning("C-STORE %s refused: %s", request_uid[:64], exc)
+        return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    except Exception as exc:  # noqa: BLE001 - an element that cannot be decoded
+        log.warning("C-STORE %s refused: cannot decode: %s", request_uid[:64], type(exc).__name__)
+        return Status.CANNOT_UNDERSTAND
+    return study_uid, series_uid
+
+
+class _NotMatching(ValueError):
+    """A required UID attribute is absent, empty, multi-valued or not the request's."""
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        raise _NotMatching(f"{keyword} is missing")
+    if not isinstance(value, str):
+        raise _NotMatching(f"{keyword} is not a single value")
+    return str(value)
+
+
+def _store_new(event: events.Event, ctx: StoreContext, study_uid: str, series_uid: str) -> int:
+    sop_instance_uid = str(event.request.AffectedSOPInstanceUID)
+    path = ctx.archive.received_path(study_uid, sop_instance_uid)
+    size = ctx.archive.write_atomic(path, event.encoded_dataset())
+    result = repository.enqueue(ctx.db, _received(event, study_uid, series_uid, str(path), size))
+    log.info("C-STORE %s from %s: archived, job %d queued", sop_instance_uid,
+             event.assoc.requestor.ae_title, result.job_id)
+    return Status.SUCCESS
+
+
+def _store_duplicate(event: events.Event, ctx: StoreContext, study_uid: str,
+                     series_uid: str) -> int:
+    """A SOP Instance UID received before: keep differing bytes as a version, never reprocess."""
+    sop_instance_uid = str(event.request.AffectedSOPInstanceUID)
+    data = event.encoded_dataset()
+    result = repository.enqueue(ctx.db, _received(event, study_uid, series_uid, "", 0))
+    first = Path(repository.instance_of(ctx.db, result.job_id).path)
+    version = ctx.archive.keep_version(first, data)
+    if version is None:
+        log.info("C-STORE %s: identical duplicate of job %d, acknowledged", sop_instance_uid,
+                 result.job_id)
+        return Status.SUCCESS
+    repository.note(ctx.db, result.job_id, "receive", "duplicate-different",
+                    f"different content (sha256 {sha256(data).hexdigest()[:16]}) from "
+                    f"{event.assoc.requestor.ae_title} archived as {version.name}; "
+                    "not processed again")
+    log.warning("C-STORE %s: duplicate with different content kept as %s (job %d)",
+                sop_instance_uid, version.name, result.job_id)
     return Status.SUCCESS
 
 
@@ -89,15 +194,3 @@ def _received(event: events.Event, study_uid: str, series_uid: str, path: str,
         size_bytes=size,
         calling_ae_title=event.assoc.requestor.ae_title,
     )
-
-
-def handle_accepted(event: events.Event) -> None:
-    log.info("association accepted from %s", _peer(event))
-
-
-def handle_rejected(event: events.Event) -> None:
-    log.warning("association rejected from %s", _peer(event))
-
-
-def handle_aborted(event: events.Event) -> None:
-    log.warning("association aborted by %s", _peer(event))

@@ -50,7 +50,9 @@ class Sender:
             except SendError as exc:
                 error = str(exc)
                 give_up = give_up or isinstance(exc, PermanentSendError)
-            except Exception as exc:  # noqa: BLE001 - e.g. a destination removed from the config
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # noqa: BLE001 - e.g. a destination removed from the config
                 error = f"{type(exc).__name__}: {exc}"
                 give_up = True
             attempts = max(attempts, repository.record_delivery(self.db, job_id, name, error))

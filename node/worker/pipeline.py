@@ -1,5 +1,9 @@
 """One radiograph in, a SEG and an SR out: load → select → read pixels → analyse → encode → verify.
 
+Every failure caused by the input itself (unreadable file, outside the acceptance rules,
+unusable header, unreadable pixels) is raised as :class:`RejectedInput`: the job is discarded
+with that reason. Anything else is an error the runner records and retries.
+
 Each step is a small function; the networks come from :mod:`models.inference`, the same code
 path ``cxrnode evaluate`` measures.
 """
@@ -14,10 +18,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
-from node.errors import RejectedInput
+from node.archive import check_uid
+from node.errors import EncodingError, RejectedInput
 from node.imaging import UnreadablePixels, display_pixels, patient_left_on_image_right, pixel_spacing_mm
 from node.results import verify
 from node.results.algorithm import ResultAlgorithms
@@ -46,11 +51,55 @@ class Outcome:
 
 
 def load(path: Path) -> Dataset:
-    """Read an archived object; unreadable files are rejected, not retried."""
+    """Read an archived object; unreadable files are rejected, not retried.
+
+    Raises:
+        RejectedInput: the only exception for any file content (the parser raises many types:
+            InvalidDicomError, EOFError, ValueError, struct.error, ...), or a missing file.
+    """
     try:
         return dcmread(path)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise RejectedInput(f"cannot read the archived object: {exc}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the bytes are, the input is at fault
+        raise RejectedInput(
+            f"cannot read the archived object: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def prepare_source(ds: Dataset) -> None:
+    """Make the header usable by the result encoders, or reject it with the reason.
+
+    * Study, Series and SOP Instance UID must be valid UIDs: the results reference the source
+      and file into its study (the listener checks this too; an archive written by an older
+      version or by hand may not have been).
+    * An empty Specific Character Set means the default repertoire (PS3.3 C.12.1.1.2), the
+      same as none, and an empty first value of a multi-valued one means ISO 2022 IR 6;
+      highdicom refuses empty values, so they are written out (or the element removed).
+
+    Raises:
+        RejectedInput: a UID is missing or invalid; a Specific Character Set value is not a
+            defined term.
+    """
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        try:
+            value = ds.get(keyword)
+            check_uid(value if isinstance(value, str) else "")
+        except Exception:  # noqa: BLE001 - UnsafeUID, or an element that cannot be decoded
+            raise RejectedInput(f"{keyword} is missing or not a valid UID") from None
+    try:
+        charset = ds.get("SpecificCharacterSet")
+    except Exception:  # noqa: BLE001 - undecodable: treat as absent, like empty
+        charset = ""
+    values = [str(v).strip() for v in ([charset] if isinstance(charset, str) else charset or [])]
+    if "SpecificCharacterSet" not in ds:
+        return
+    unknown = [v for v in values if v and v not in python_encoding]
+    if unknown:
+        raise RejectedInput(f"Specific Character Set {unknown[0][:16]!r} is not a DICOM defined term")
+    if not any(values):
+        del ds.SpecificCharacterSet
+    elif not values[0]:  # e.g. "\\ISO 2022 IR 87" (common in Japan): value 1 is the default
+        ds.SpecificCharacterSet = ["ISO 2022 IR 6", *values[1:]]
 
 
 def patient_sides(ds: Dataset, analysis: LungAnalysis) -> tuple[np.ndarray, np.ndarray]:
@@ -88,6 +137,7 @@ class Pipeline:
         reason = rejection_reason(ds, self.settings.acceptance)
         if reason is not None:
             raise RejectedInput(reason)
+        prepare_source(ds)
         try:
             pixels = display_pixels(ds)
         except UnreadablePixels as exc:
@@ -100,12 +150,17 @@ class Pipeline:
         omission = None if spacing is not None else (
             "no usable Imager Pixel Spacing or Pixel Spacing in the source image")
         algorithms = ResultAlgorithms.from_model_identities(analysis.segmenter, analysis.tb_model)
-        seg = build_segmentation(ds, left, right, algorithms.segmenter)
-        sr = build_report(ds, seg, tb_score=analysis.tb_score, threshold=self.tb_threshold,
-                          areas_mm2=areas, area_omission_reason=omission, algorithms=algorithms)
-        verify.reread(seg)
-        verify.reread(sr)
-        seg_bytes, sr_bytes = verify.encode(seg), verify.encode(sr)
+        try:
+            seg = build_segmentation(ds, left, right, algorithms.segmenter)
+            sr = build_report(ds, seg, tb_score=analysis.tb_score, threshold=self.tb_threshold,
+                              areas_mm2=areas, area_omission_reason=omission,
+                              algorithms=algorithms)
+            verify.reread(seg)
+            verify.reread(sr)
+            seg_bytes, sr_bytes = verify.encode(seg), verify.encode(sr)
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            # The same header and masks give the same error every time: retrying cannot help.
+            raise EncodingError(f"results could not be encoded: {type(exc).__name__}: {exc}") from exc
         done = time.perf_counter()
         summary = (f"TB score {analysis.tb_score:.3f} (threshold {self.tb_threshold:.3f}); "
                    f"inference {inferred - started:.2f} s, encoding {done - inferred:.2f} s")

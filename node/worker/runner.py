@@ -10,7 +10,7 @@ from pathlib import Path
 
 from node import faults
 from node.archive import Archive
-from node.errors import RejectedInput
+from node.errors import EncodingError, RejectedInput
 from node.queue import repository
 from node.queue.db import Database
 from node.queue.states import JobStatus
@@ -58,12 +58,15 @@ class InferenceWorker:
                 log.info("job %d discarded: %s", job_id, exc)
                 repository.mark_discarded(self.db, job_id, self.owner, str(exc))
                 return True
-            except Exception as exc:  # noqa: BLE001 - any failure is recorded and retried
-                log.exception("job %d: inference failed", job_id)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # noqa: BLE001 - incl. native decoders' panics
+                log.exception("job %d: analysis failed", job_id)
                 repository.fail_attempt(self.db, job_id, self.owner,
                                         f"{type(exc).__name__}: {exc}",
                                         max_attempts=cfg.max_attempts,
-                                        retry_delay_s=cfg.retry_delay_s)
+                                        retry_delay_s=cfg.retry_delay_s,
+                                        give_up=isinstance(exc, EncodingError))
                 return True
             if lease.lost.is_set():
                 log.warning("job %d: lease lost; results not recorded", job_id)

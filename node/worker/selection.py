@@ -12,15 +12,47 @@ from node.dicom import ACCEPTED_SOP_CLASSES
 from node.settings import AcceptanceSettings
 
 
+class _Unreadable(ValueError):
+    """An attribute the rules need cannot be decoded."""
+
+
+def _value(ds: Dataset, keyword: str) -> object:
+    try:
+        return ds.get(keyword)
+    except Exception as exc:  # noqa: BLE001 - a malformed element (wrong VR, bad bytes)
+        raise _Unreadable(f"{keyword} cannot be read ({type(exc).__name__})") from None
+
+
 def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    return str(value).strip().upper() if value is not None else ""
+    value = _value(ds, keyword)
+    return str(value).strip().upper()[:64] if value is not None else ""
+
+
+def _size(ds: Dataset, keyword: str) -> int:
+    value = _value(ds, keyword)
+    if value is None or value == "":
+        raise _Unreadable(f"{keyword} is missing")
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        raise _Unreadable(f"{keyword} is not an integer") from None
 
 
 def rejection_reason(ds: Dataset, rules: AcceptanceSettings) -> str | None:
-    """None if ``ds`` is to be analysed, else a sentence saying why not."""
-    if str(ds.get("SOPClassUID", "")) not in ACCEPTED_SOP_CLASSES:
-        return f"SOP class {ds.get('SOPClassUID', '(none)')} is not a CR or DX image"
+    """None if ``ds`` is to be analysed, else a sentence saying why not.
+
+    Never raises: an attribute that cannot be decoded is itself the reason.
+    """
+    try:
+        return _reason(ds, rules)
+    except _Unreadable as exc:
+        return str(exc)
+
+
+def _reason(ds: Dataset, rules: AcceptanceSettings) -> str | None:
+    sop_class = _text(ds, "SOPClassUID")
+    if sop_class not in ACCEPTED_SOP_CLASSES:
+        return f"SOP class {sop_class or '(none)'} is not a CR or DX image"
     modality = _text(ds, "Modality")
     if modality not in rules.modalities:
         return f"Modality {modality or '(none)'} is not one of {', '.join(rules.modalities)}"
@@ -36,7 +68,7 @@ def rejection_reason(ds: Dataset, rules: AcceptanceSettings) -> str | None:
             return f"ViewPosition {view} is not one of {', '.join(rules.view_positions)}"
     elif not rules.allow_missing_view_position:
         return "ViewPosition is missing"
-    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    rows, columns = _size(ds, "Rows"), _size(ds, "Columns")
     if rows < rules.min_rows or columns < rules.min_columns:
         return f"image {rows}x{columns} is smaller than {rules.min_rows}x{rules.min_columns}"
     return None

@@ -126,3 +126,13 @@ def test_jobs_of_a_dead_local_process_are_released_at_once(db: Database) -> None
     assert repo.get_job(db, living).status == "processing"
     # A restarted container has the same pid as the dead process: its leases are orphans too.
     assert repo.release_orphans(db, "here", pid=222, alive=lambda pid: True) == [living]
+
+
+def test_a_deterministic_failure_is_not_retried(db: Database) -> None:
+    job_id = repo.enqueue(db, received()).job_id
+    repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "w", 60)
+    status = repo.fail_attempt(db, job_id, "w", "EncodingError: bad header", max_attempts=3,
+                               retry_delay_s=0, give_up=True)
+    assert status == JobStatus.FAILED
+    job = repo.get_job(db, job_id)
+    assert job.attempts == 1 and job.fail_stage == "inference"

@@ -1,0 +1,1 @@
+"""Bad and unexpected input: every case has a defined outcome, and the node keeps answering."""
