@@ -32,6 +32,13 @@ class NodeDevice:
             if not value or len(value) > 64:
                 raise ValueError(f"{name} must be 1 to 64 characters")
 
+    def equipment(self) -> dict[str, str]:
+        """The General Equipment arguments highdicom's SOP class constructors take."""
+        return {"manufacturer": self.manufacturer,
+                "manufacturer_model_name": self.manufacturer_model_name,
+                "software_versions": self.software_versions,
+                "device_serial_number": self.device_serial_number}
+
     @property
     def device_uid(self) -> UID:
         """Device Observer UID for the SR observer context."""

@@ -162,10 +162,7 @@ def _encode(
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
         instance_number=1,
-        manufacturer=device.manufacturer,
-        manufacturer_model_name=device.manufacturer_model_name,
-        software_versions=device.software_versions,
-        device_serial_number=device.device_serial_number,
+        **device.equipment(),
         series_description=SR_SERIES_DESCRIPTION,
         is_complete=True,
     )
