@@ -398,7 +398,8 @@ def test_malformed_birth_date_is_copied_empty_and_results_stay_valid() -> None:
     from node.results.source import encoding_source
 
     source = make_dx(Path(__file__).parents[1] / "data" / "MCUCXR_0017_0.png", size=(256, 256))
-    source.PatientBirthDate = "12/04/1936"
+    with pytest.warns(UserWarning, match="Invalid value for VR DA"):
+        source.PatientBirthDate = "12/04/1936"
     encodable = encoding_source(source)
     assert encodable.PatientBirthDate == "" and source.PatientBirthDate == "12/04/1936"
     assert encodable.PatientID == source.PatientID
