@@ -22,8 +22,9 @@ def encode(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def reread(ds: Dataset) -> None:
-    """Encode ``ds`` to bytes and parse it back with ``hd.seg.segread`` or ``hd.sr.srread``.
+def reread(ds: Dataset) -> bytes:
+    """Encode ``ds`` to bytes, parse them back with ``hd.seg.segread`` or ``hd.sr.srread``,
+    and return those bytes: what is archived and sent is exactly what was checked.
 
     Checks that the SOP Instance UID survives and, for a SEG, that it still
     has segments; for an SR, that its content is a parseable template.
@@ -48,3 +49,4 @@ def reread(ds: Dataset) -> None:
         raise UnreadableResult(f"result does not re-read: {type(exc).__name__}: {exc}") from exc
     if reread_uid != ds.SOPInstanceUID:
         raise UnreadableResult("re-read result has a different SOP Instance UID")
+    return data

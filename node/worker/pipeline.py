@@ -155,9 +155,7 @@ class Pipeline:
             sr = build_report(ds, seg, tb_score=analysis.tb_score, threshold=self.tb_threshold,
                               areas_mm2=areas, area_omission_reason=omission,
                               algorithms=algorithms)
-            verify.reread(seg)
-            verify.reread(sr)
-            seg_bytes, sr_bytes = verify.encode(seg), verify.encode(sr)
+            seg_bytes, sr_bytes = verify.reread(seg), verify.reread(sr)
         except (ValueError, TypeError, AttributeError, KeyError) as exc:
             # The same header and masks give the same error every time: retrying cannot help.
             raise EncodingError(f"results could not be encoded: {type(exc).__name__}: {exc}") from exc

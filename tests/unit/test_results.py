@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 from pathlib import Path
 
 import highdicom as hd
@@ -368,8 +369,9 @@ class TestUIDs:
 
 class TestReread:
     def test_valid_results_reread(self, nema_case: dict) -> None:
-        reread(nema_case["seg"])
-        reread(nema_case["sr"])
+        for ds in (nema_case["seg"], nema_case["sr"]):
+            data = reread(ds)
+            assert pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID == ds.SOPInstanceUID
 
     def test_broken_seg_raises(self, small_dx: Dataset) -> None:
         left, right = ellipse_masks(small_dx.Rows, small_dx.Columns)
