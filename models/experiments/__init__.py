@@ -1,0 +1,1 @@
+"""Research baselines quoted by the model cards; the node never imports them."""
