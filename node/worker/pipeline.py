@@ -86,13 +86,13 @@ def prepare_source(ds: Dataset) -> None:
             check_uid(value if isinstance(value, str) else "")
         except Exception:  # noqa: BLE001 - UnsafeUID, or an element that cannot be decoded
             raise RejectedInput(f"{keyword} is missing or not a valid UID") from None
+    if "SpecificCharacterSet" not in ds:
+        return
     try:
         charset = ds.get("SpecificCharacterSet")
     except Exception:  # noqa: BLE001 - undecodable: treat as absent, like empty
         charset = ""
     values = [str(v).strip() for v in ([charset] if isinstance(charset, str) else charset or [])]
-    if "SpecificCharacterSet" not in ds:
-        return
     unknown = [v for v in values if v and v not in python_encoding]
     if unknown:
         raise RejectedInput(f"Specific Character Set {unknown[0][:16]!r} is not a DICOM defined term")
