@@ -19,6 +19,30 @@ finding site, so SEG and SR speak the same vocabulary.
 lungs still gives a valid SEG: empty frames are kept (``omit_empty_frames``
 is off), so the segment's frame exists and the SR can reference it; its area
 is then 0 mm². Whether an empty lung is plausible is the caller's decision.
+
+Geometry for viewers (docs/VIEWERS.md): a radiograph has no Frame of Reference,
+but OHIF v3 reads the SEG's Shared Functional Groups unguarded, so every SEG
+carries
+
+* Pixel Measures: Pixel Spacing = the spacing the SR measures with
+  (:func:`node.imaging.pixel_spacing_mm`: calibrated Pixel Spacing, else
+  Imager Pixel Spacing at the detector, which includes the geometric
+  magnification, else Pixel Spacing) and a nominal Slice Thickness of 1 mm
+  (a projection has none). Without any usable spacing the value is a nominal
+  1 mm and Image Comments says so: the SEG is for display, not for measuring.
+* Plane Orientation: the source's Image Orientation (Patient) when it has a
+  valid one, else exactly ``1\\0\\0\\0\\1\\0``, the value viewers assume for
+  projection images without one. It is a display convention, not the patient's
+  orientation, and it must never be derived from Patient Orientation: viewers
+  reject ``1\\0\\0\\0\\0\\-1`` and *mirror* the mask for ``-1\\0\\0\\0\\1\\0``.
+
+No Plane Position and no Frame of Reference are written: the SEG claims no
+position in patient space, only pixels of the referenced image.
+
+Frames are BINARY (1 bit) unless the bit-packed Pixel Data would have an odd
+byte length (e.g. 1955 x 1841): then FRACTIONAL with values 0 and 255, because
+dcmjs (OHIF) refuses the pad byte of an odd-length packed frame and Orthanc
+1.10's per-frame DICOMweb endpoint answers HTTP 400 for 1-bit frames.
 """
 
 from __future__ import annotations
@@ -31,16 +55,33 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from node.imaging import pixel_spacing_mm
+
 from .algorithm import Algorithm
 from .device import DEFAULT_DEVICE, NodeDevice
 from .source import encoding_source, no_identifier_warnings
 from .uids import derive_uid, result_uids
 
-__all__ = ["LUNG_SEGMENTS", "SEG_CONTENT_LABEL", "SEG_SERIES_DESCRIPTION", "LungSegment", "build_segmentation"]
+__all__ = [
+    "DISPLAY_ORIENTATION",
+    "LUNG_SEGMENTS",
+    "NOMINAL_SPACING_COMMENT",
+    "SEG_CONTENT_LABEL",
+    "SEG_SERIES_DESCRIPTION",
+    "LungSegment",
+    "build_segmentation",
+    "segmentation_type_for",
+]
 
 SEG_CONTENT_LABEL = "LUNG_SEG"
 SEG_SERIES_DESCRIPTION = "LUNG SEG (AI, not for clinical use)"
 DEFAULT_SEG_SERIES_NUMBER = 9901
+
+#: Plane orientation for sources without Image Orientation (Patient): what viewers assume.
+DISPLAY_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+NOMINAL_SLICE_THICKNESS_MM = 1.0
+NOMINAL_SPACING_COMMENT = ("Pixel Measures are nominal (1 mm): the source image has no usable pixel spacing. "
+                           "For display only; do not measure with this segmentation.")
 
 
 @dataclass(frozen=True)
@@ -95,10 +136,24 @@ def build_segmentation(
     uids = result_uids(source.SOPInstanceUID, "seg", [algorithm.uid_key])
     descriptions = [_segment_description(source, segment, algorithm) for segment in LUNG_SEGMENTS]
     pixel_array = np.stack(masks, axis=-1)[np.newaxis].astype(np.uint8)  # (1, Rows, Columns, 2)
+    segmentation_type = segmentation_type_for(*shape, len(LUNG_SEGMENTS))
+    if segmentation_type is hd.seg.SegmentationTypeValues.FRACTIONAL:
+        pixel_array = pixel_array.astype(np.float32)  # 0.0/1.0, stored as 0/255
+    spacing = pixel_spacing_mm(source)
+    pixel_measures = hd.PixelMeasuresSequence(
+        pixel_spacing=[spacing.row_mm, spacing.column_mm] if spacing is not None else [1.0, 1.0],
+        slice_thickness=NOMINAL_SLICE_THICKNESS_MM,
+    )
 
     with no_identifier_warnings():
-        seg = _encode(source, pixel_array, descriptions, uids.series_instance_uid, uids.sop_instance_uid,
-                      algorithm, series_number, device)
+        seg = _encode(source, pixel_array, segmentation_type, pixel_measures, descriptions,
+                      uids.series_instance_uid, uids.sop_instance_uid, algorithm, series_number, device)
+    # highdicom refuses a plane orientation for sources without a Frame of Reference.
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = list(_display_orientation(source))
+    seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence = [orientation]
+    if spacing is None:
+        seg.ImageComments = NOMINAL_SPACING_COMMENT
     # highdicom leaves out Patient Orientation for projection sources, but the
     # General Image module needs it (Type 2C): copy it (empty when absent).
     seg.PatientOrientation = source.get("PatientOrientation", "")
@@ -111,6 +166,8 @@ def build_segmentation(
 def _encode(
     source: Dataset,
     pixel_array: np.ndarray,
+    segmentation_type: hd.seg.SegmentationTypeValues,
+    pixel_measures: hd.PixelMeasuresSequence,
     descriptions: list[hd.seg.SegmentDescription],
     series_instance_uid: str,
     sop_instance_uid: str,
@@ -121,7 +178,10 @@ def _encode(
     return hd.seg.Segmentation(
         source_images=[source],
         pixel_array=pixel_array,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segmentation_type=segmentation_type,
+        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+        max_fractional_value=255,
+        pixel_measures=pixel_measures,
         segment_descriptions=descriptions,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -133,6 +193,33 @@ def _encode(
         omit_empty_frames=False,
         series_description=SEG_SERIES_DESCRIPTION,
     )
+
+
+def segmentation_type_for(rows: int, columns: int, segments: int) -> hd.seg.SegmentationTypeValues:
+    """BINARY, unless the bit-packed Pixel Data of ``segments`` frames has an odd byte length.
+
+    An odd length gets a pad byte, which dcmjs (OHIF v3) refuses, and Orthanc 1.10 cannot
+    serve single 1-bit frames; FRACTIONAL 0/255 loads everywhere at 8 bits a pixel.
+    """
+    packed_bytes = -(-rows * columns * segments // 8)
+    if packed_bytes % 2:
+        return hd.seg.SegmentationTypeValues.FRACTIONAL
+    return hd.seg.SegmentationTypeValues.BINARY
+
+
+def _display_orientation(source: Dataset) -> tuple[float, ...]:
+    """The source's Image Orientation (Patient) if it is six finite numbers, else :data:`DISPLAY_ORIENTATION`."""
+    try:
+        values = tuple(float(v) for v in source.get("ImageOrientationPatient") or ())
+    except (TypeError, ValueError):
+        return DISPLAY_ORIENTATION
+    if len(values) != 6 or not all(np.isfinite(values)):
+        return DISPLAY_ORIENTATION
+    row, column = np.array(values[:3]), np.array(values[3:])
+    if not (np.isclose(np.linalg.norm(row), 1, atol=1e-3) and np.isclose(np.linalg.norm(column), 1, atol=1e-3)
+            and abs(float(row @ column)) < 1e-3):
+        return DISPLAY_ORIENTATION
+    return values
 
 
 def _segment_description(source: Dataset, segment: LungSegment, algorithm: Algorithm) -> hd.seg.SegmentDescription:

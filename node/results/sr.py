@@ -12,16 +12,32 @@ Content (``ContentSequence`` of the root ``Imaging Measurement Report``):
 * image library: the source image;
 * one image-level group (TID 1501) on the source image, finding type
   SCT 56717001 Tuberculosis, finding site Lung, with
-  - NUM ``(TBSCORE, 99CXRNODE)`` "Tuberculosis score", 0..1, unit UCUM ``1``;
+  - NUM ``(TBSCORE, 99CXRNODE)`` "Tuberculosis score", 0..1, unit UCUM ``1``,
+    INFERRED FROM a SCOORD POINT above the lungs (where a viewer puts its label);
   - CODE ``(TBSCREEN, 99CXRNODE)`` "Tuberculosis screening result" =
     SCT 263654008 Abnormal when score >= threshold, else SCT 17621005
     Normal (a named concept of its own: "Finding" is already the finding
     type's concept name);
-  - when areas are left out, TEXT DCM 121106 "Comment" with the reason;
+  - TEXT DCM 121106 "Comment" "TB score 0.73 (threshold 0.5): Abnormal", the
+    line viewers list (OHIF shows comments, not CODE items);
+  - when areas are left out, a second Comment with the reason;
   - TB model identification, with ``threshold=<t>`` as a parameter;
-* one planar ROI group (TID 1410) per lung, referencing its SEG segment and
-  frame, finding site Lung + laterality, and (when pixel spacing is known)
-  NUM SCT 42798000 Area in UCUM ``mm2``, with the segmenter identification.
+* per lung, two groups with the same Tracking Unique Identifier (one finding,
+  two views of it):
+  - a planar ROI group (TID 1410) referencing its SEG segment and frame,
+    finding site Lung + laterality, and (when pixel spacing is known) NUM
+    SCT 42798000 Area in UCUM ``mm2``, with the segmenter identification;
+  - the lung outline on the source image, a closed SCOORD POLYLINE
+    (:func:`node.results.outline.mask_outline`): with an area, a TID 1501
+    group whose Area NUM (the same value) is INFERRED FROM the outline and a
+    Comment with the lung's name; without one, a TID 1410 image-region group.
+
+Why this shape (docs/VIEWERS.md): OHIF v3 draws SR measurements only from
+SCOORDs, merges groups by Tracking Unique Identifier, and crashes on a group
+that has no coordinates at all; it lists a measurement in its panel when the
+Tracking Identifier text names a Cornerstone tool (:data:`OHIF_FREEHAND`,
+:data:`OHIF_ARROW`), the convention of the SRs OHIF writes itself. Those texts
+are free text to every other reader.
 
 The ``99CXRNODE`` local codes make dciodvfy print "Unrecognized defined term"
 warnings; they are expected (not errors). Two fixes from dciodvfy are
@@ -36,6 +52,7 @@ import math
 from collections.abc import Mapping
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -44,12 +61,15 @@ from node.imaging import spacing_attribute_mm
 from .algorithm import ResultAlgorithms
 from .device import DEFAULT_DEVICE, NodeDevice
 from .measure import LUNG_SIDES
+from .outline import mask_outline
 from .seg import LUNG_SEGMENTS, LungSegment
 from .source import encoding_source, no_identifier_warnings
 from .uids import derive_uid, result_uids
 
 __all__ = [
     "AREA",
+    "OHIF_ARROW",
+    "OHIF_FREEHAND",
     "SR_CLASS",
     "SR_SERIES_DESCRIPTION",
     "TB_SCORE",
@@ -69,6 +89,9 @@ TUBERCULOSIS = hd.sr.CodedConcept("56717001", "SCT", "Tuberculosis")
 PLAIN_CHEST_XRAY = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
 AREA = hd.sr.CodedConcept.from_code(codes.SCT.Area)
 COMMENT = hd.sr.CodedConcept.from_code(codes.DCM.Comment)
+#: Tracking Identifier texts by which OHIF v3 turns an SR group into a listed measurement.
+OHIF_FREEHAND = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+OHIF_ARROW = "Cornerstone3DTools@^0.1.0:ArrowAnnotate"
 _SEGMENT_ITEM_CONCEPT = "121214"  # DCM "Referenced Segmentation Frame"
 
 
@@ -78,6 +101,7 @@ def build_report(
     *,
     tb_score: float,
     threshold: float,
+    lung_masks: Mapping[str, np.ndarray],
     areas_mm2: Mapping[str, float] | None,
     area_omission_reason: str | None,
     algorithms: ResultAlgorithms,
@@ -87,7 +111,9 @@ def build_report(
     """Encode the TB score and lung areas of ``source`` as a TID 1500 SR.
 
     ``seg`` is the lung SEG of the same source from
-    :func:`node.results.seg.build_segmentation`. Give either ``areas_mm2``
+    :func:`node.results.seg.build_segmentation`; ``lung_masks`` are the masks it
+    encodes (keys ``"left"`` and ``"right"``, the patient's), outlined in the
+    report. Give either ``areas_mm2``
     (keys ``"left"`` and ``"right"``, the patient's) or, when the header has
     no usable pixel spacing, ``area_omission_reason`` (written into the
     report as a Comment). UIDs derive from the source SOP Instance UID, both
@@ -110,17 +136,30 @@ def build_report(
     if seg.StudyInstanceUID != source.StudyInstanceUID:
         raise ValueError("the SEG is not in the source image's study")
     frames = _frame_numbers_by_segment(seg)
+    if set(lung_masks) != set(LUNG_SIDES):
+        raise ValueError(f"lung_masks must have exactly the keys {LUNG_SIDES}, got {sorted(lung_masks)}")
+    shape = (int(source.Rows), int(source.Columns))
+    for side, mask in lung_masks.items():
+        if np.shape(mask) != shape:
+            raise ValueError(f"the {side} lung mask has shape {np.shape(mask)}; the image is {shape}")
+    outlines = {side: mask_outline(mask) for side, mask in lung_masks.items()}
 
     # The threshold changes the content, so it is part of the identity too.
     uid_keys = [algorithms.segmenter.uid_key, algorithms.tb_classifier.uid_key, f"threshold={threshold!r}"]
     uids = result_uids(source.SOPInstanceUID, "sr", uid_keys)
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]
-    groups = [_image_group(source, tb_score, threshold, area_omission_reason, algorithms, uid_keys)]
+    anchor = _label_anchor(lung_masks, shape)
+    groups = [_image_group(source, tb_score, threshold, area_omission_reason, algorithms, uid_keys, anchor)]
     for segment in LUNG_SEGMENTS:
         if segment.segment_number not in frames:
             raise ValueError(f"the SEG has no frame for segment {segment.segment_number} ({segment.segment_label})")
         area = None if areas_mm2 is None else float(areas_mm2[segment.side])
-        groups.append(_lung_group(source, seg, segment, frames[segment.segment_number], area, algorithms, uid_keys))
+        tracking_uid = derive_uid(source.SOPInstanceUID, "sr", "tracking", segment.side, *uid_keys)
+        outline = outlines[segment.side]
+        if outline is not None:
+            groups.append(_outline_group(source, segment, outline, area, algorithms, tracking_uid))
+        groups.append(_lung_group(source, seg, segment, frames[segment.segment_number], area, algorithms,
+                                  tracking_uid))
 
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -175,13 +214,19 @@ def _image_group(
     area_omission_reason: str | None,
     algorithms: ResultAlgorithms,
     uid_keys: list[str],
+    anchor: np.ndarray,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     tb_algorithm = algorithms.tb_classifier.sr_identification(threshold=f"{threshold:g}")
     result = codes.SCT.Abnormal if tb_score >= threshold else codes.SCT.Normal
+    point = hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POINT,
+        graphic_data=anchor[np.newaxis],
+        source_image=hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID),
+    )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derive_uid(source.SOPInstanceUID, "sr", "tracking", "image", *uid_keys),
-            identifier="TB screening",
+            identifier=OHIF_ARROW,
         ),
         finding_type=TUBERCULOSIS,
         finding_sites=[hd.sr.FindingSite(codes.SCT.Lung)],
@@ -192,11 +237,17 @@ def _image_group(
                 value=float(tb_score),
                 unit=codes.UCUM.NoUnits,
                 algorithm_id=tb_algorithm,
+                referenced_coordinates=[point],
             )
         ],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(TB_SCREENING_RESULT, result)],
         source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)],
     )
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=COMMENT,
+        value=f"TB score {tb_score:.3f} (threshold {threshold:.3f}): {result.meaning}",
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    ))
     if area_omission_reason is not None:
         comment = hd.sr.TextContentItem(
             name=COMMENT,
@@ -214,7 +265,7 @@ def _lung_group(
     frame_number: int,
     area_mm2: float | None,
     algorithms: ResultAlgorithms,
-    uid_keys: list[str],
+    tracking_uid: str,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     segmenter = algorithms.segmenter.sr_identification()
     site = hd.sr.FindingSite(codes.SCT.Lung, laterality=segment.laterality)
@@ -239,16 +290,67 @@ def _lung_group(
         source_image=hd.sr.SourceImageForSegmentation(source.SOPClassUID, source.SOPInstanceUID),
     )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derive_uid(source.SOPInstanceUID, "sr", "tracking", segment.side, *uid_keys),
-            identifier=segment.segment_label,
-        ),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=segment.segment_label),
         referenced_segment=reference,
         finding_type=codes.SCT.Lung,
         finding_sites=[site],
         algorithm_id=segmenter,
         measurements=measurements,
     )
+
+
+def _outline_group(
+    source: Dataset,
+    segment: LungSegment,
+    outline: np.ndarray,
+    area_mm2: float | None,
+    algorithms: ResultAlgorithms,
+    tracking_uid: str,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The lung outline on the source image: a listed measurement when there is an area, else a region."""
+    segmenter = algorithms.segmenter.sr_identification()
+    site = hd.sr.FindingSite(codes.SCT.Lung, laterality=segment.laterality)
+    image = hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID)
+    if area_mm2 is None:
+        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=segment.segment_label),
+            referenced_region=hd.sr.ImageRegion(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=outline, source_image=image),
+            finding_type=codes.SCT.Lung,
+            finding_sites=[site],
+            algorithm_id=segmenter,
+        )
+    coordinates = hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=outline, source_image=image)
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=OHIF_FREEHAND),
+        finding_type=codes.SCT.Lung,
+        finding_sites=[site],
+        algorithm_id=segmenter,
+        measurements=[
+            hd.sr.Measurement(
+                name=AREA,
+                value=area_mm2,
+                unit=codes.UCUM.SquareMillimeter,
+                algorithm_id=segmenter,
+                finding_sites=[site],
+                referenced_coordinates=[coordinates],
+            )
+        ],
+        source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)],
+    )
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=COMMENT, value=segment.segment_label, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
+
+
+def _label_anchor(lung_masks: Mapping[str, np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """(column, row) above the middle of the lungs (the image centre when both are empty)."""
+    both = np.logical_or(*(np.asarray(lung_masks[side], dtype=bool) for side in LUNG_SIDES))
+    if not both.any():
+        return np.array([shape[1] / 2, shape[0] / 2], dtype=np.float32)
+    rows, columns = np.nonzero(both)
+    return np.array([(columns.min() + columns.max() + 1) / 2, rows.min() + 0.5], dtype=np.float32)
 
 
 def _has_image_library_descriptors(source: Dataset) -> bool:

@@ -153,6 +153,7 @@ class Pipeline:
         try:
             seg = build_segmentation(ds, left, right, algorithms.segmenter)
             sr = build_report(ds, seg, tb_score=analysis.tb_score, threshold=self.tb_threshold,
+                              lung_masks={"left": left, "right": right},
                               areas_mm2=areas, area_omission_reason=omission,
                               algorithms=algorithms)
             seg_bytes, sr_bytes = verify.reread(seg), verify.reread(sr)

@@ -26,7 +26,8 @@ from node.results import (
     reread,
     result_uids,
 )
-from node.results.sr import AREA, COMMENT, TB_SCORE, TB_SCREENING_RESULT
+from node.results.seg import DISPLAY_ORIENTATION, NOMINAL_SPACING_COMMENT, segmentation_type_for
+from node.results.sr import AREA, COMMENT, OHIF_ARROW, OHIF_FREEHAND, TB_SCORE, TB_SCREENING_RESULT
 from tests.dicom_factory import make_cr, make_dx, montgomery_case, nema_chest_cr_path, reference_lung_masks
 from tests.validation import dciodvfy_errors
 
@@ -80,7 +81,8 @@ def dx_case() -> dict:
     seg = build_segmentation(source, left, right, ALGORITHMS.segmenter)
     areas = lung_areas_mm2(left, right, pixel_spacing_mm(source))
     sr = build_report(
-        source, seg, tb_score=0.83, threshold=0.5, areas_mm2=areas, area_omission_reason=None, algorithms=ALGORITHMS
+        source, seg, tb_score=0.83, threshold=0.5, lung_masks={"left": left, "right": right}, areas_mm2=areas,
+        area_omission_reason=None, algorithms=ALGORITHMS
     )
     return {"source": source, "left": left, "right": right, "seg": seg, "sr": sr, "areas": areas}
 
@@ -93,10 +95,10 @@ def nema_case() -> dict:
     left, right = ellipse_masks(source.Rows, source.Columns)
     seg = build_segmentation(source, left, right, ALGORITHMS.segmenter)
     sr = build_report(
-        source, seg, tb_score=0.12, threshold=0.5, areas_mm2=None, area_omission_reason=NO_SPACING,
-        algorithms=ALGORITHMS,
+        source, seg, tb_score=0.12, threshold=0.5, lung_masks={"left": left, "right": right}, areas_mm2=None,
+        area_omission_reason=NO_SPACING, algorithms=ALGORITHMS,
     )
-    return {"source": source, "seg": seg, "sr": sr}
+    return {"source": source, "seg": seg, "sr": sr, "left": left, "right": right}
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +124,8 @@ class TestDciodvfy:
         areas = lung_areas_mm2(left, empty, pixel_spacing_mm(small_dx))
         assert areas["right"] == 0.0
         sr = build_report(
-            small_dx, seg, tb_score=0.5, threshold=0.5, areas_mm2=areas, area_omission_reason=None,
-            algorithms=ALGORITHMS,
+            small_dx, seg, tb_score=0.5, threshold=0.5, lung_masks={"left": left, "right": empty}, areas_mm2=areas,
+            area_omission_reason=None, algorithms=ALGORITHMS,
         )
         assert_valid(seg)
         assert_valid(sr)
@@ -169,8 +171,8 @@ class TestMinimalSourceHeader:
         left, right = ellipse_masks(minimal_source.Rows, minimal_source.Columns)
         seg = build_segmentation(minimal_source, left, right, ALGORITHMS.segmenter)
         sr = build_report(
-            minimal_source, seg, tb_score=0.1, threshold=0.5, areas_mm2=None, area_omission_reason=NO_SPACING,
-            algorithms=ALGORITHMS,
+            minimal_source, seg, tb_score=0.1, threshold=0.5, lung_masks={"left": left, "right": right},
+            areas_mm2=None, area_omission_reason=NO_SPACING, algorithms=ALGORITHMS,
         )
         assert_valid(seg)
         assert_valid(sr)
@@ -214,10 +216,11 @@ class TestSegmentation:
         assert seg.SeriesInstanceUID != source.SeriesInstanceUID
         assert "LUNG SEG" in seg.SeriesDescription and seg.ContentLabel == "LUNG_SEG"
 
-    def test_nema_seg_drops_the_zero_pixel_spacing(self, nema_case: dict) -> None:
+    def test_nema_seg_has_nominal_pixel_measures_instead_of_the_zero_spacing(self, nema_case: dict) -> None:
         seg = nema_case["seg"]
-        shared = seg.SharedFunctionalGroupsSequence[0]
-        assert "PixelMeasuresSequence" not in shared
+        (measures,) = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence
+        assert [float(v) for v in measures.PixelSpacing] == [1.0, 1.0]
+        assert seg.ImageComments == NOMINAL_SPACING_COMMENT
         assert list(seg.PatientOrientation) == ["L", "F"]
 
     def test_wrong_shape_is_refused(self, small_dx: Dataset) -> None:
@@ -242,7 +245,8 @@ class TestReport:
         source, seg = dx_case["source"], dx_case["seg"]
         assert sr.SOPClassUID == Comprehensive3DSRStorage
         assert sr.StudyInstanceUID == source.StudyInstanceUID
-        (image_group,) = sr.content.get_image_measurement_groups()
+        image_group, *outline_groups = sr.content.get_image_measurement_groups()
+        assert [g.tracking_identifier for g in outline_groups] == [OHIF_FREEHAND, OHIF_FREEHAND]
         (score,) = image_group.get_measurements(name=TB_SCORE)
         assert score.value == pytest.approx(0.83)
         assert score.unit == codes.UCUM.NoUnits
@@ -286,11 +290,16 @@ class TestReport:
 
     def test_without_spacing_has_no_area_and_states_the_reason(self, nema_case: dict, tmp_path: Path) -> None:
         sr = round_trip(nema_case["sr"], tmp_path)
-        for group in sr.content.get_planar_roi_measurement_groups():
-            assert group.get_measurements(name=AREA) == []
-            assert group.referenced_segmentation_frame is not None
-        comments = find_items(sr, COMMENT.value)
-        assert len(comments) == 1 and NO_SPACING in comments[0].TextValue
+        groups = sr.content.get_planar_roi_measurement_groups()
+        assert len(groups) == 4  # per lung: its outline (image region), then its SEG segment
+        for outline_group, segment_group in zip(groups[::2], groups[1::2], strict=True):
+            assert outline_group.get_measurements(name=AREA) == segment_group.get_measurements(name=AREA) == []
+            assert outline_group.roi is not None and outline_group.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+            assert segment_group.referenced_segmentation_frame is not None
+            assert outline_group.tracking_uid == segment_group.tracking_uid
+        comments = sorted(item.TextValue for item in find_items(sr, COMMENT.value))
+        assert len(comments) == 2 and NO_SPACING in comments[0]
+        assert comments[1] == "TB score 0.120 (threshold 0.500): Normal"
         (image_group,) = sr.content.get_image_measurement_groups()
         (screening,) = image_group.get_qualitative_evaluations(name=TB_SCREENING_RESULT)
         assert screening.value == codes.SCT.Normal
@@ -316,12 +325,15 @@ class TestReport:
             ({"areas_mm2": None}, "exactly one"),
             ({"areas_mm2": {"left": 1.0}}, "keys"),
             ({"areas_mm2": {"left": 1.0, "right": -1.0}}, ">= 0"),
+            ({"lung_masks": {"left": np.zeros((256, 256), bool)}}, "lung_masks"),
+            ({"lung_masks": {"left": np.zeros((8, 8), bool), "right": np.zeros((8, 8), bool)}}, "shape"),
         ],
     )
     def test_invalid_arguments_are_refused(self, small_dx: Dataset, kwargs: dict, message: str) -> None:
         left, right = ellipse_masks(small_dx.Rows, small_dx.Columns)
         seg = build_segmentation(small_dx, left, right, ALGORITHMS.segmenter)
-        arguments = {"tb_score": 0.5, "threshold": 0.5, "areas_mm2": {"left": 1.0, "right": 2.0}}
+        arguments = {"tb_score": 0.5, "threshold": 0.5, "areas_mm2": {"left": 1.0, "right": 2.0},
+                     "lung_masks": {"left": left, "right": right}}
         arguments |= {"area_omission_reason": None} | kwargs
         with pytest.raises(ValueError, match=message):
             build_report(small_dx, seg, algorithms=ALGORITHMS, **arguments)
@@ -334,7 +346,8 @@ class TestUIDs:
         again = build_segmentation(small_dx, left, right, ALGORITHMS.segmenter)
         assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (again.SOPInstanceUID, again.SeriesInstanceUID)
         assert first.SegmentSequence[0].TrackingUID == again.SegmentSequence[0].TrackingUID
-        report = dict(tb_score=0.3, threshold=0.5, areas_mm2=None, area_omission_reason="x", algorithms=ALGORITHMS)
+        report = dict(tb_score=0.3, threshold=0.5, lung_masks={"left": left, "right": right}, areas_mm2=None,
+                      area_omission_reason="x", algorithms=ALGORITHMS)
         sr_first, sr_again = build_report(small_dx, first, **report), build_report(small_dx, again, **report)
         assert (sr_first.SOPInstanceUID, sr_first.SeriesInstanceUID) == (
             sr_again.SOPInstanceUID,
@@ -385,8 +398,8 @@ class TestReread:
         seg = build_segmentation(small_dx, left, right, ALGORITHMS.segmenter)
         sr = copy.deepcopy(
             build_report(
-                small_dx, seg, tb_score=0.3, threshold=0.5, areas_mm2=None, area_omission_reason="x",
-                algorithms=ALGORITHMS,
+                small_dx, seg, tb_score=0.3, threshold=0.5, lung_masks={"left": left, "right": right},
+                areas_mm2=None, area_omission_reason="x", algorithms=ALGORITHMS,
             )
         )
         sr.ContentSequence[0].ValueType = "NUM"
@@ -411,3 +424,100 @@ def test_malformed_birth_date_is_copied_empty_and_results_stay_valid() -> None:
                              Algorithm("cxrnode-lung-unet", "1.0.0", "0" * 64))
     assert seg.PatientBirthDate == ""
     assert dciodvfy_errors(seg) == []
+
+
+class TestViewerGeometry:
+    """What OHIF v3 needs to overlay the SEG and draw the SR (docs/VIEWERS.md)."""
+
+    @pytest.mark.parametrize("patient_orientation", [["L", "F"], ["R", "F"], ["A", "F"], ["P", "H"], None])
+    def test_plane_orientation_never_follows_patient_orientation(self, patient_orientation) -> None:
+        source = make_dx(np.tile(np.linspace(0, 255, 256), (256, 1)), size=None)
+        if patient_orientation is None:
+            del source.PatientOrientation
+        else:
+            source.PatientOrientation = patient_orientation
+        left, right = ellipse_masks(256, 256)
+        seg = build_segmentation(source, left, right, ALGORITHMS.segmenter)
+        shared = seg.SharedFunctionalGroupsSequence[0]
+        (plane,) = shared.PlaneOrientationSequence
+        assert [float(v) for v in plane.ImageOrientationPatient] == list(DISPLAY_ORIENTATION)
+        (measures,) = shared.PixelMeasuresSequence
+        spacing = pixel_spacing_mm(source)
+        assert [float(v) for v in measures.PixelSpacing] == pytest.approx([spacing.row_mm, spacing.column_mm])
+        assert float(measures.SliceThickness) == 1.0
+        assert "FrameOfReferenceUID" not in seg and "ImageComments" not in seg
+        assert_valid(seg)
+
+    def test_source_image_orientation_is_copied(self, small_dx: Dataset) -> None:
+        source = copy.deepcopy(small_dx)
+        source.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+        left, right = ellipse_masks(256, 256)
+        seg = build_segmentation(source, left, right, ALGORITHMS.segmenter)
+        (plane,) = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence
+        assert [float(v) for v in plane.ImageOrientationPatient] == [0, 1, 0, 0, 0, -1]
+
+    @pytest.mark.parametrize(("rows", "columns", "expected"), [
+        (2048, 2048, "BINARY"), (1955, 1841, "FRACTIONAL"), (256, 256, "BINARY"), (255, 255, "FRACTIONAL"),
+        (3, 4, "FRACTIONAL"), (4, 4, "BINARY"),
+    ])
+    def test_segmentation_type_avoids_odd_packed_lengths(self, rows: int, columns: int, expected: str) -> None:
+        assert segmentation_type_for(rows, columns, 2).value == expected
+        packed = -(-rows * columns * 2 // 8)
+        assert (packed % 2 == 0) == (expected == "BINARY")
+
+    def test_odd_sized_seg_is_fractional_0_255_and_round_trips(self, nema_case: dict, tmp_path: Path) -> None:
+        seg = nema_case["seg"]
+        assert seg.SegmentationType == "FRACTIONAL" and seg.MaximumFractionalValue == 255
+        assert seg.BitsAllocated == 8
+        assert set(np.unique(seg.pixel_array)) <= {0, 255}
+        read = round_trip(seg, tmp_path, reader=hd.seg.segread)
+        pixels = read.get_pixels_by_source_instance([nema_case["source"].SOPInstanceUID], segment_numbers=[1, 2])
+        assert np.array_equal(pixels[0, :, :, 0] > 0, nema_case["left"])
+        assert np.array_equal(pixels[0, :, :, 1] > 0, nema_case["right"])
+        assert_valid(seg)
+
+    @needs_montgomery
+    def test_each_lung_outline_is_a_closed_polyline_that_matches_its_mask(self, dx_case: dict, tmp_path: Path) -> None:
+        from skimage.draw import polygon2mask
+
+        sr = round_trip(dx_case["sr"], tmp_path)
+        shape = (dx_case["source"].Rows, dx_case["source"].Columns)
+        _, *outline_groups = sr.content.get_image_measurement_groups()
+        segment_groups = sr.content.get_planar_roi_measurement_groups()
+        for group, segment_group, side in zip(outline_groups, segment_groups, ("left", "right"), strict=True):
+            assert group.tracking_uid == segment_group.tracking_uid
+            (area,) = group.get_measurements(name=AREA)
+            assert area.value == pytest.approx(dx_case["areas"][side])
+            (scoord,) = [item for item in area[0].ContentSequence if item.ValueType == "SCOORD"]
+            assert scoord.GraphicType == "POLYLINE" and scoord.RelationshipType == "INFERRED FROM"
+            assert scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
+                dx_case["source"].SOPInstanceUID
+            points = np.asarray(scoord.GraphicData, dtype=float).reshape(-1, 2)  # (column, row)
+            assert np.array_equal(points[0], points[-1])
+            drawn = polygon2mask(shape, points[:, ::-1] - 0.5)
+            mask = dx_case[side]
+            assert 2 * np.logical_and(drawn, mask).sum() / (drawn.sum() + mask.sum()) > 0.99
+        assert {c.TextValue for c in find_items(sr, COMMENT.value)} >= {"Left lung", "Right lung"}
+
+    @needs_montgomery
+    def test_tb_score_is_anchored_above_the_lungs(self, dx_case: dict) -> None:
+        (score,) = find_items(dx_case["sr"], TB_SCORE.value)
+        (point,) = [item for item in score.ContentSequence if item.ValueType == "SCOORD"]
+        assert point.GraphicType == "POINT"
+        column, row = (float(v) for v in point.GraphicData)
+        lungs = dx_case["left"] | dx_case["right"]
+        rows, columns = np.nonzero(lungs)
+        assert columns.min() < column < columns.max() and row == pytest.approx(rows.min() + 0.5)
+        tracking = [item.TextValue for item in find_items(dx_case["sr"], "112039")]  # Tracking Identifier
+        assert tracking.count(OHIF_ARROW) == 1 and tracking.count(OHIF_FREEHAND) == 2
+
+    def test_an_empty_lung_has_no_outline_but_keeps_its_segment_group(self, small_dx: Dataset, tmp_path: Path) -> None:
+        left, _ = ellipse_masks(small_dx.Rows, small_dx.Columns)
+        empty = np.zeros_like(left)
+        seg = build_segmentation(small_dx, left, empty, ALGORITHMS.segmenter)
+        sr = build_report(small_dx, seg, tb_score=0.5, threshold=0.5, lung_masks={"left": left, "right": empty},
+                          areas_mm2=lung_areas_mm2(left, empty, pixel_spacing_mm(small_dx)),
+                          area_omission_reason=None, algorithms=ALGORITHMS)
+        read = round_trip(sr, tmp_path)
+        _, *outline_groups = read.content.get_image_measurement_groups()
+        assert len(outline_groups) == 1 and len(read.content.get_planar_roi_measurement_groups()) == 2
