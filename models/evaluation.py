@@ -73,17 +73,26 @@ def evaluate(
     weights_dir: str | Path | None = None,
     n_boot: int = 2000,
     progress: bool = True,
+    overlays_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Metrics of the shipped models on ``data_dir`` (``split`` None = all cases).
 
     Keys: lung_dice_mean, lung_dice_min, lung_jaccard_mean, lung_hd95_mean, tb_auc,
     tb_auc_ci95, sensitivity, specificity, threshold, who_target_met, n_cases, n_masks,
     n_labelled, per_source {source: same metrics}, arch, split, segmenter, tb_model.
-    Undefined values (e.g. AUC with one class) are None.
+    Undefined values (e.g. AUC with one class) are None. With ``overlays_dir``, every case
+    with a reference mask also gets a picture there (:mod:`models.overlays`) and the result
+    names the index page (``overlays_index``).
     """
     cases = data.read_index(data_dir, split)
     analyzer = LungAnalyzer.load(arch=arch, device=device, weights_dir=weights_dir)
     rows: list[dict[str, Any]] = []
+    pictures: list[Any] = []
+    if overlays_dir is not None:
+        from models import overlays
+
+        overlays_dir = Path(overlays_dir)
+        overlays_dir.mkdir(parents=True, exist_ok=True)
     for case in tqdm(cases, desc=f"evaluate {arch}", disable=not progress, leave=False):
         image = data.load_image(case.image_path)
         truth = data.load_mask(case.mask_path) if case.mask_path is not None else None
@@ -93,6 +102,8 @@ def evaluate(
         if truth is not None:
             row.update(dice=metrics.dice(result.lung_mask, truth), jaccard=metrics.jaccard(result.lung_mask, truth),
                        hd95=metrics.hd95(result.lung_mask, truth))
+            if overlays_dir is not None:
+                pictures.append(_write_case_picture(overlays_dir, case, image, result, truth, row))
         rows.append(row)
     out = _summary(rows, analyzer.tb_threshold, n_boot)
     by_source: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -101,7 +112,27 @@ def evaluate(
     out["per_source"] = {src: _summary(rs, analyzer.tb_threshold, n_boot) for src, rs in sorted(by_source.items())}
     seg_id, tb_id = analyzer.segmenter_identity, analyzer.tb_identity
     out.update(arch=arch, split=split, segmenter=f"{seg_id.name} {seg_id.version}", tb_model=f"{tb_id.name} {tb_id.version}")
+    if overlays_dir is not None:
+        out["overlays_index"] = str(overlays.write_index(overlays_dir, pictures))
     return _clean(out)
+
+
+def _write_case_picture(folder: Path, case: data.Case, image: np.ndarray, result: Any, truth: np.ndarray,
+                        row: dict[str, Any]) -> Any:
+    from PIL import Image
+
+    from models import overlays
+
+    if image.shape != truth.shape:  # the masks' geometry, as the metrics
+        image = np.asarray(Image.fromarray(image.astype(np.float32)).resize(truth.shape[::-1], Image.Resampling.BILINEAR))
+    low, high = float(image.min()), float(image.max())
+    image = (image - low) / (high - low) if high > low else np.zeros_like(image)
+    caption = [case.case_id, f"Dice {row['dice']:.4f}, TB score {result.tb_score:.3f}"]
+    picture = overlays.case_picture(image, result.image_left, result.image_right, truth, caption)
+    name = f"{case.case_id}.png"
+    picture.save(folder / name)
+    return overlays.CasePicture(case.case_id, case.source, float(row["dice"]), float(result.tb_score),
+                                case.tb_label, name)
 
 
 def format_table(result: dict[str, Any]) -> str:

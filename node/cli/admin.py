@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from node.cli.render import age, emit, iso, table
@@ -85,13 +86,37 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
                    "from": e.from_status, "to": e.to_status, "message": e.message}
                   for e in job.events],
     }
+    if args.preview:
+        data["preview"] = str(_write_preview(job, args.preview))
     head = "\n".join(f"{k}: {'-' if v is None else v}" for k, v in _job_summary(job).items())
     steps = table(["at", "step", "outcome", "state", "message"],
                   [(iso(e.at), e.step, e.outcome,
                     f"{e.from_status or ''}->{e.to_status}" if e.to_status else "", e.message)
                    for e in job.events])
-    emit(data, args.json, f"{head}\n\n{steps}")
+    preview = f"\n\npreview: {data['preview']}" if args.preview else ""
+    emit(data, args.json, f"{head}\n\n{steps}{preview}")
     return 0
+
+
+def _write_preview(job: Job, target: str) -> Path:
+    from node.results.preview import result_preview
+
+    if not (job.seg_path and job.sr_path):
+        raise NodeError(f"job {job.id} has no results to show (state {job.status})")
+    files = [Path(job.instance.path), Path(job.seg_path), Path(job.sr_path)]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise NodeError(f"job {job.id}: archived file missing: {missing[0]}")
+    out = Path(target)
+    if out.suffix.lower() != ".png":
+        raise NodeError(f"--preview needs a .png file name, got {target!r}")
+    try:
+        picture = result_preview(*files)
+    except ValueError as exc:
+        raise NodeError(f"job {job.id}: cannot draw the preview: {exc}") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(out)
+    return out
 
 
 def cmd_jobs_retry(args: argparse.Namespace) -> int:
@@ -142,6 +167,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.set_defaults(func=cmd_jobs_list)
     p = jobs.add_parser("show", parents=[common], help="one job with every step")
     p.add_argument("id", type=int)
+    p.add_argument("--preview", metavar="FILE.png",
+                   help="also draw the radiograph with the node's lungs and TB score into FILE.png")
     p.set_defaults(func=cmd_jobs_show)
     p = jobs.add_parser("retry", parents=[common], help="send again / analyse again")
     p.add_argument("id", type=int, nargs="?")

@@ -141,8 +141,31 @@ def test_dx_routed_by_orthanc_matches_reference_mask(pacs_and_node, tmp_path: Pa
 
     sr = hd.sr.srread(io.BytesIO(sr_bytes))
     groups = sr.content.get_planar_roi_measurement_groups()
-    assert len(groups) == 2  # one per lung, each with its area
+    assert len(groups) == 2  # one per lung (its SEG segment), each with its area
     for group in groups:
         (area,) = [m for m in group.get_measurements() if m.name.meaning == "Area"]
         assert 5_000 < area.value < 60_000  # mm², an adult lung on a 0.175 mm detector
-    assert job_for(node, ds.SOPInstanceUID)["status"] == "done"
+    job = job_for(node, ds.SOPInstanceUID)
+    assert job["status"] == "done"
+
+    # The preview a person looks at: green (patient's left) on the image's right, blue on its left.
+    picture_file = tmp_path / "preview.png"
+    shown = node.cli("jobs", "show", str(job["id"]), "--preview", str(picture_file))
+    assert shown.returncode == 0, shown.stderr
+    print(f"preview: {picture_file}")
+    picture = np.asarray(Image.open(picture_file).convert("RGB")).astype(int)
+    band = picture.shape[0] - picture.shape[1]  # the caption above the (square) radiograph
+    assert picture.shape[1] == 1024 and 0 < band < 200
+    caption = (picture[:band, :, 0] > 200) & (picture[:band, :, 1] < 120)  # "NOT FOR DIAGNOSIS" in red
+    assert caption.sum() > 100
+    picture = picture[band:]
+    red, green, blue = picture[..., 0], picture[..., 1], picture[..., 2]
+    greenish = (green - np.maximum(red, blue)) > 25
+    blueish = (blue - np.maximum(red, green)) > 25
+    half = picture.shape[1] // 2
+    assert greenish[:, half:].sum() > 20 * max(1, greenish[:, :half].sum())
+    assert blueish[:, :half].sum() > 20 * max(1, blueish[:, half:].sum())
+    small_left = np.asarray(Image.fromarray(patient_left).resize(picture.shape[1::-1])) > 0
+    assert greenish[small_left].mean() > 0.9  # the fill lies on the SEG's pixels
+    missing = node.cli("jobs", "show", "99999", "--preview", str(tmp_path / "none.png"))
+    assert missing.returncode == 2 and "no job 99999" in missing.stderr

@@ -125,3 +125,41 @@ def test_register_does_not_import_torch():
             "register(p.add_subparsers()); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_evaluate_overlays_pictures_and_index_worst_first(fixture_dir, tmp_path, capsys):
+    import re
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "overlays"
+    assert main(["evaluate", "--data", str(fixture_dir), "--device", "cpu", "--json", "--overlays", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    index = out / "index.html"
+    assert result["overlays_index"] == str(index)
+    pictures = sorted(out.glob("*.png"))
+    assert len(pictures) == result["n_masks"] == 5  # every case with a reference mask, none without
+    page = index.read_text()
+    dices = [float(d) for d in re.findall(r"<td>(\d\.\d{4})</td>", page)]
+    assert len(dices) == 5 and dices == sorted(dices)
+    assert min(dices) == pytest.approx(result["lung_dice_min"], abs=1e-4)
+    picture = np.asarray(Image.open(pictures[0]).convert("RGB")).astype(int)
+    third = picture.shape[1] // 3
+    assert picture.shape[1] == 3 * third  # prediction | reference | difference
+    red, green, blue = (picture[..., i] for i in range(3))
+    green_fill = (green - np.maximum(red, blue)) > 25
+    yellow_fill = (red > blue + 40) & (green > blue + 40)
+    assert green_fill[:, :third].sum() > 1000 and green_fill[:, third:].sum() < green_fill[:, :third].sum() / 20
+    assert yellow_fill[:, third:2 * third].sum() > 1000
+    # The page as a person sees it: headless Chromium renders the table with its pictures.
+    shot = tmp_path / "index.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1200,900",
+                    f"--screenshot={shot}", index.as_uri()], check=True, capture_output=True, timeout=120)
+    rendered = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    rendered_green = (rendered[..., 1] - np.maximum(rendered[..., 0], rendered[..., 2])) > 25
+    assert rendered_green.sum() > 500, "the overlay pictures did not render in the page"
+    print(f"overlays index: {index}, screenshot: {shot}")
