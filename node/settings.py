@@ -180,16 +180,28 @@ class HousekeepingSettings:
         _positive("housekeeping.reap_interval_s", self.reap_interval_s)
 
 
+#: Result objects a destination can receive: the lung SEG, the TID 1500 SR, the RGB Secondary Capture.
+OUTPUT_KINDS = ("seg", "sr", "sc")
+DEFAULT_OUTPUTS = ("seg", "sr")
+
+
 @dataclass(frozen=True)
 class Destination:
-    """A DICOM peer that receives the SEG and the SR."""
+    """A DICOM peer and the result objects it receives (``outputs``: any of :data:`OUTPUT_KINDS`)."""
 
     ae_title: str
     host: str
     port: int
     name: str = ""
+    outputs: tuple[str, ...] = DEFAULT_OUTPUTS
 
     def __post_init__(self) -> None:
+        outputs = tuple(self.outputs)
+        unknown = [o for o in outputs if o not in OUTPUT_KINDS]
+        if unknown or not outputs or len(set(outputs)) != len(outputs):
+            raise SettingsError(f"destinations.outputs: give one or more of {list(OUTPUT_KINDS)}, each once "
+                                f"(got {list(outputs)})")
+        object.__setattr__(self, "outputs", outputs)
         check_ae_title("destinations.ae_title", self.ae_title)
         check_port("destinations.port", self.port)
         if not self.host:
@@ -219,6 +231,14 @@ class Settings:
     @property
     def data_path(self) -> Path:
         return Path(self.node.data_dir)
+
+    @property
+    def output_kinds(self) -> tuple[str, ...]:
+        """Every result kind some destination receives (the defaults when none is configured)."""
+        if not self.destinations:
+            return DEFAULT_OUTPUTS
+        wanted = {kind for dest in self.destinations for kind in dest.outputs}
+        return tuple(kind for kind in OUTPUT_KINDS if kind in wanted)
 
     def destination(self, name: str) -> Destination:
         """The destination called ``name`` (or with that AE title)."""

@@ -75,8 +75,8 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     except repository.JobNotFound:
         raise NodeError(f"no job {args.id}") from None
     data = _job_summary(job) | {
-        "seg_sop_instance_uid": job.seg_sop_instance_uid,
-        "sr_sop_instance_uid": job.sr_sop_instance_uid,
+        "results": [{"kind": r.kind, "sop_class_uid": r.sop_class_uid, "sop_instance_uid": r.sop_instance_uid}
+                    for r in job.results],
         "started_at": iso(job.started_at), "encoded_at": iso(job.encoded_at),
         "finished_at": iso(job.finished_at),
         "deliveries": [{"destination": d.destination, "attempts": d.attempts,
@@ -89,6 +89,8 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     if args.preview:
         data["preview"] = str(_write_preview(job, args.preview))
     head = "\n".join(f"{k}: {'-' if v is None else v}" for k, v in _job_summary(job).items())
+    if job.results:
+        head += "\nresults: " + ", ".join(f"{r.kind.upper()} {r.sop_instance_uid}" for r in job.results)
     steps = table(["at", "step", "outcome", "state", "message"],
                   [(iso(e.at), e.step, e.outcome,
                     f"{e.from_status or ''}->{e.to_status}" if e.to_status else "", e.message)
@@ -101,9 +103,10 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
 def _write_preview(job: Job, target: str) -> Path:
     from node.results.preview import result_preview
 
-    if not (job.seg_path and job.sr_path):
-        raise NodeError(f"job {job.id} has no results to show (state {job.status})")
-    files = [Path(job.instance.path), Path(job.seg_path), Path(job.sr_path)]
+    seg, sr = job.result("seg"), job.result("sr")
+    if seg is None or sr is None:
+        raise NodeError(f"job {job.id} has no SEG and SR to show (state {job.status})")
+    files = [Path(job.instance.path), Path(seg.path), Path(sr.path)]
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         raise NodeError(f"job {job.id}: archived file missing: {missing[0]}")

@@ -10,7 +10,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.queue.tables import Base
+from node.queue import migrate
 
 DATABASE_FILE = "queue.sqlite3"
 
@@ -28,14 +28,15 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
     cur.close()
 
 
-def make_engine(data_dir: Path) -> Engine:
-    """Create the engine for the queue in ``data_dir`` and make sure the schema exists."""
+def make_engine(data_dir: Path, *, upgrade_schema: bool = True) -> Engine:
+    """Create the engine for the queue in ``data_dir`` and (by default) bring its schema to the newest revision."""
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     # SQLite gives its -wal and -shm files the database file's mode: create that file 0600 first.
     os.close(os.open(data_dir / DATABASE_FILE, os.O_CREAT | os.O_RDWR, 0o600))
     engine = create_engine(sqlite_url(data_dir), future=True)
     event.listen(engine, "connect", _sqlite_pragmas)
-    Base.metadata.create_all(engine)
+    if upgrade_schema:
+        migrate.upgrade(engine)
     os.chmod(data_dir / DATABASE_FILE, 0o600)
     return engine
 

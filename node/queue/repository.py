@@ -7,7 +7,7 @@ event history is the audit trail of every job.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, selectinload
 from node.logs import redact
 from node.queue.db import Database
 from node.queue.states import LEASED, FailStage, JobStatus, check_transition
-from node.queue.tables import Delivery, Instance, Job, JobEvent, utcnow
+from node.queue.tables import Delivery, Instance, Job, JobEvent, ResultObject, utcnow
 
 
 @dataclass(frozen=True)
@@ -165,21 +165,36 @@ def mark_discarded(db: Database, job_id: int, owner: str, reason: str) -> None:
 
 
 @dataclass(frozen=True)
-class EncodedResults:
-    tb_score: float
-    seg_path: str
-    sr_path: str
-    seg_sop_instance_uid: str
-    sr_sop_instance_uid: str
+class ArchivedResult:
+    """One encoded result object, written to the archive at ``path``."""
+
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str
+
+    def __post_init__(self) -> None:
+        if not (self.kind and self.sop_class_uid and self.sop_instance_uid and self.path):
+            raise ValueError("an archived result needs its kind, SOP class, SOP instance UID and path")
 
 
-def mark_encoded(db: Database, job_id: int, owner: str, results: EncodedResults,
+def mark_encoded(db: Database, job_id: int, owner: str, tb_score: float, results: Sequence[ArchivedResult],
                  destinations: list[str]) -> None:
-    """Results are in the archive: record them and one pending delivery per destination."""
+    """Results are in the archive: record them (one row per kind) and one pending delivery per destination."""
+    kinds = [r.kind for r in results]
+    if not results or len(set(kinds)) != len(kinds):
+        raise ValueError(f"a job's results need at least one object and one per kind, got {kinds}")
     with db.session() as session:
         job = _held(session, job_id, owner)
-        for key, value in results.__dict__.items():
-            setattr(job, key, value)
+        job.tb_score = tb_score
+        existing = {r.kind: r for r in job.results}
+        for result in results:
+            row = existing.get(result.kind)
+            if row is None:
+                session.add(ResultObject(job_id=job.id, **result.__dict__))
+            else:  # analysed again (an operator's retry): same kind, new content
+                for key, value in result.__dict__.items():
+                    setattr(row, key, value)
         job.encoded_at = utcnow()
         job.next_attempt_at = utcnow()
         job.last_error = None
@@ -188,7 +203,7 @@ def mark_encoded(db: Database, job_id: int, owner: str, results: EncodedResults,
             if name not in known:
                 session.add(Delivery(job_id=job.id, destination=name))
         _move(session, job, JobStatus.ENCODED, "encode", "ok",
-              f"SEG and SR written; TB score {results.tb_score:.3f}")
+              f"{', '.join(k.upper() for k in kinds)} written; TB score {tb_score:.3f}")
         if not destinations:
             _move(session, job, JobStatus.SENDING, "send", "skipped", "no destinations configured")
             job.finished_at = utcnow()
@@ -308,7 +323,7 @@ def retry(db: Database, job_id: int) -> JobStatus:
         job = session.get(Job, job_id)
         if job is None:
             raise JobNotFound(job_id)
-        has_results = job.seg_path is not None and job.sr_path is not None
+        has_results = bool(job.results)
         target = JobStatus.ENCODED if job.status == JobStatus.FAILED and has_results \
             else JobStatus.QUEUED
         check_transition(job.status, target)
@@ -355,7 +370,7 @@ def queue_status(db: Database) -> QueueStatus:
 
 def list_jobs(db: Database, status: JobStatus | None = None, limit: int = 100) -> list[Job]:
     with db.session() as session:
-        stmt = select(Job).options(selectinload(Job.instance)).order_by(Job.id.desc()).limit(limit)
+        stmt = select(Job).options(selectinload(Job.instance), selectinload(Job.results)).order_by(Job.id.desc()).limit(limit)
         if status is not None:
             stmt = stmt.where(Job.status == status)
         return list(session.scalars(stmt))
@@ -366,7 +381,7 @@ def get_job(db: Database, job_id: int) -> Job:
         job = session.scalar(
             select(Job).where(Job.id == job_id).options(
                 selectinload(Job.instance), selectinload(Job.events),
-                selectinload(Job.deliveries))
+                selectinload(Job.deliveries), selectinload(Job.results))
         )
         if job is None:
             raise JobNotFound(job_id)

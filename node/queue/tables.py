@@ -1,4 +1,6 @@
-"""SQLAlchemy tables: received instances, jobs, their event history and per-destination deliveries.
+"""SQLAlchemy tables: received instances, jobs, their results, event history and per-destination deliveries.
+
+The schema changes only through Alembic revisions (``node/queue/migrations``).
 
 No patient identifiers are stored here: only UIDs, AE titles and technical facts.
 """
@@ -7,7 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator
+from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -69,10 +71,6 @@ class Job(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     discard_reason: Mapped[str | None] = mapped_column(Text)
     tb_score: Mapped[float | None] = mapped_column(Float)
-    seg_path: Mapped[str | None] = mapped_column(Text)
-    sr_path: Mapped[str | None] = mapped_column(Text)
-    seg_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
-    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -82,6 +80,28 @@ class Job(Base):
     instance: Mapped[Instance] = relationship(back_populates="job")
     events: Mapped[list[JobEvent]] = relationship(back_populates="job", order_by="JobEvent.id")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="job", order_by="Delivery.id")
+    results: Mapped[list[ResultObject]] = relationship(back_populates="job", order_by="ResultObject.id")
+
+    def result(self, kind: str) -> ResultObject | None:
+        """This job's result of ``kind`` (``seg``, ``sr``, ``sc``), if it was made."""
+        return next((r for r in self.results if r.kind == kind), None)
+
+
+class ResultObject(Base):
+    """One DICOM object a job produced (a SEG, an SR, a Secondary Capture, ...), as archived."""
+
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("job_id", "kind", name="uq_results_job_kind"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="results")
 
 
 class JobEvent(Base):

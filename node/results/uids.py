@@ -1,7 +1,7 @@
 """Deterministic UIDs for the results of one source image.
 
 A result's UIDs are a hash of what defines it: the source SOP Instance UID,
-the kind of result (``seg`` or ``sr``), the identities of the algorithms that
+the kind of result (``seg``, ``sr`` or ``sc``), the identities of the algorithms that
 produced it, and the role of the UID (series, instance, tracking). Encoding
 the same result again, e.g. after a crash between encoding and sending, gives
 the same Series and SOP Instance UIDs, so the PACS sees a re-send of the same
@@ -28,7 +28,7 @@ __all__ = ["UID_PREFIX", "ResultKind", "ResultUIDs", "derive_uid", "result_uids"
 #: which then replaces this one constant (old results keep their UIDs).
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
 
-ResultKind = Literal["seg", "sr"]
+ResultKind = Literal["seg", "sr", "sc"]
 
 _NAMESPACE = "cxrnode-result-uid-v1"
 
@@ -62,8 +62,8 @@ def result_uids(source_sop_instance_uid: str, kind: ResultKind, algorithm_keys: 
     Raises:
         ValueError: unknown kind, no algorithm keys, or empty source UID.
     """
-    if kind not in ("seg", "sr"):
-        raise ValueError(f"unknown result kind {kind!r}; expected 'seg' or 'sr'")
+    if kind not in ("seg", "sr", "sc"):
+        raise ValueError(f"unknown result kind {kind!r}; expected 'seg', 'sr' or 'sc'")
     if not algorithm_keys:
         raise ValueError("at least one algorithm key is needed to derive result UIDs")
     keys = [str(k) for k in algorithm_keys]

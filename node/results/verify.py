@@ -5,14 +5,15 @@ from __future__ import annotations
 import io
 
 import highdicom as hd
+from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import SegmentationStorage
+from pydicom.uid import SecondaryCaptureImageStorage, SegmentationStorage
 
 __all__ = ["UnreadableResult", "encode", "reread"]
 
 
 class UnreadableResult(ValueError):
-    """An encoded SEG or SR does not survive a round trip through highdicom's readers."""
+    """An encoded result does not survive a round trip through highdicom's (or pydicom's) readers."""
 
 
 def encode(ds: Dataset) -> bytes:
@@ -23,11 +24,13 @@ def encode(ds: Dataset) -> bytes:
 
 
 def reread(ds: Dataset) -> bytes:
-    """Encode ``ds`` to bytes, parse them back with ``hd.seg.segread`` or ``hd.sr.srread``,
-    and return those bytes: what is archived and sent is exactly what was checked.
+    """Encode ``ds`` to bytes, parse them back (``hd.seg.segread``, ``hd.sr.srread``, or pydicom
+    with its pixels decoded for a Secondary Capture), and return those bytes: what is archived
+    and sent is exactly what was checked.
 
     Checks that the SOP Instance UID survives and, for a SEG, that it still
-    has segments; for an SR, that its content is a parseable template.
+    has segments; for an SR, that its content is a parseable template; for an SC, that its
+    pixels decode to Rows x Columns x 3.
 
     Raises:
         UnreadableResult: encoding or re-reading failed, with the cause chained.
@@ -39,6 +42,11 @@ def reread(ds: Dataset) -> bytes:
             if not seg.SegmentSequence:
                 raise UnreadableResult("re-read SEG has no segments")
             reread_uid = seg.SOPInstanceUID
+        elif ds.SOPClassUID == SecondaryCaptureImageStorage:
+            sc = dcmread(io.BytesIO(data))
+            if sc.pixel_array.shape != (sc.Rows, sc.Columns, 3):
+                raise UnreadableResult(f"re-read SC has pixels of shape {sc.pixel_array.shape}")
+            reread_uid = sc.SOPInstanceUID
         else:
             sr = hd.sr.srread(io.BytesIO(data))
             sr.content  # parse the content tree

@@ -10,8 +10,9 @@ from node.errors import PermanentSendError, SendError
 from node.queue import repository
 from node.queue.db import Database
 from node.queue.states import JobStatus
+from node.queue.tables import Job
 from node.sender import scu
-from node.settings import Settings
+from node.settings import Destination, Settings
 from node.worker.runner import worker_name
 
 log = logging.getLogger(__name__)
@@ -39,14 +40,13 @@ class Sender:
         if job_id is None:
             return False
         job = repository.get_job(self.db, job_id)
-        files = [Path(job.seg_path or ""), Path(job.sr_path or "")]
         give_up = False
         attempts = 0
         for name in repository.pending_deliveries(self.db, job_id):
             error: str | None = None
             try:
                 dest = self.settings.destination(name)
-                scu.store(dest, files, self.settings.node.ae_title, cfg.timeout_s)
+                scu.store(dest, self._files_for(job, dest), self.settings.node.ae_title, cfg.timeout_s)
             except SendError as exc:
                 error = str(exc)
                 give_up = give_up or isinstance(exc, PermanentSendError)
@@ -64,3 +64,16 @@ class Sender:
                                            give_up=give_up)
         log.info("job %d: %s", job_id, status)
         return True
+
+    @staticmethod
+    def _files_for(job: Job, dest: Destination) -> list[Path]:
+        """The archived results ``dest`` receives, in the order of its ``outputs``.
+
+        Raises:
+            PermanentSendError: the job has none of them (e.g. encoded before an output was
+                added to the destination: ``cxrnode jobs retry`` after re-analysis makes them).
+        """
+        files = [Path(r.path) for kind in dest.outputs if (r := job.result(kind)) is not None]
+        if not files:
+            raise PermanentSendError(f"job {job.id} has none of the outputs {list(dest.outputs)} for {dest.name}")
+        return files

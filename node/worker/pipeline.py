@@ -1,4 +1,8 @@
-"""One radiograph in, a SEG and an SR out: load → select → read pixels → analyse → encode → verify.
+"""One radiograph in, its result objects out: load → select → read pixels → analyse → encode → verify.
+
+The result objects are those some destination receives (``outputs`` of each
+``[[destinations]]``): the SEG, the SR (which references the SEG, so the SEG is built for it
+even when no destination receives it) and the Secondary Capture.
 
 Every failure caused by the input itself (unreadable file, outside the acceptance rules,
 unusable header, unreadable pixels) is raised as :class:`RejectedInput`: the job is discarded
@@ -27,6 +31,7 @@ from node.imaging import UnreadablePixels, display_pixels, patient_left_on_image
 from node.results import verify
 from node.results.algorithm import ResultAlgorithms
 from node.results.measure import lung_areas_mm2
+from node.results.sc import build_secondary_capture
 from node.results.seg import build_segmentation
 from node.results.sr import build_report
 from node.settings import Settings
@@ -39,15 +44,25 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class EncodedObject:
+    """One result object, encoded and re-read: ``data`` is exactly what is archived and sent."""
+
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    data: bytes
+
+
+@dataclass(frozen=True)
 class Outcome:
     """Encoded results of one job, ready for the archive."""
 
-    seg_bytes: bytes
-    sr_bytes: bytes
-    seg_sop_instance_uid: str
-    sr_sop_instance_uid: str
+    results: tuple[EncodedObject, ...]
     tb_score: float
     summary: str
+
+    def result(self, kind: str) -> EncodedObject | None:
+        return next((r for r in self.results if r.kind == kind), None)
 
 
 def load(path: Path) -> Dataset:
@@ -117,6 +132,7 @@ class Pipeline:
         self.analyzer = analyzer
         configured = settings.worker.tb_threshold
         self.tb_threshold = analyzer.tb_threshold if configured < 0 else configured
+        self.output_kinds = settings.output_kinds
 
     @classmethod
     def load(cls, settings: Settings) -> Pipeline:
@@ -150,18 +166,28 @@ class Pipeline:
         omission = None if spacing is not None else (
             "no usable Imager Pixel Spacing or Pixel Spacing in the source image")
         algorithms = ResultAlgorithms.from_model_identities(analysis.segmenter, analysis.tb_model)
+        kinds = self.output_kinds
         try:
-            seg = build_segmentation(ds, left, right, algorithms.segmenter)
-            sr = build_report(ds, seg, tb_score=analysis.tb_score, threshold=self.tb_threshold,
-                              lung_masks={"left": left, "right": right},
-                              areas_mm2=areas, area_omission_reason=omission,
-                              algorithms=algorithms)
-            seg_bytes, sr_bytes = verify.reread(seg), verify.reread(sr)
+            datasets = []
+            if "seg" in kinds or "sr" in kinds:
+                seg = build_segmentation(ds, left, right, algorithms.segmenter)
+                if "seg" in kinds:
+                    datasets.append(("seg", seg))
+                if "sr" in kinds:
+                    datasets.append(("sr", build_report(
+                        ds, seg, tb_score=analysis.tb_score, threshold=self.tb_threshold,
+                        lung_masks={"left": left, "right": right}, areas_mm2=areas,
+                        area_omission_reason=omission, algorithms=algorithms)))
+            if "sc" in kinds:
+                datasets.append(("sc", build_secondary_capture(
+                    ds, pixels, left, right, patient_left_on_image_right=patient_left_on_image_right(ds),
+                    tb_score=analysis.tb_score, threshold=self.tb_threshold, algorithms=algorithms)))
+            results = tuple(EncodedObject(kind, str(obj.SOPClassUID), str(obj.SOPInstanceUID), verify.reread(obj))
+                            for kind, obj in datasets)
         except (ValueError, TypeError, AttributeError, KeyError) as exc:
             # The same header and masks give the same error every time: retrying cannot help.
             raise EncodingError(f"results could not be encoded: {type(exc).__name__}: {exc}") from exc
         done = time.perf_counter()
         summary = (f"TB score {analysis.tb_score:.3f} (threshold {self.tb_threshold:.3f}); "
                    f"inference {inferred - started:.2f} s, encoding {done - inferred:.2f} s")
-        return Outcome(seg_bytes, sr_bytes, str(seg.SOPInstanceUID), str(sr.SOPInstanceUID),
-                       float(analysis.tb_score), summary)
+        return Outcome(results, float(analysis.tb_score), summary)

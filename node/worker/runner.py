@@ -73,15 +73,13 @@ class InferenceWorker:
                 return True
             repository.note(self.db, job_id, "infer", "ok", outcome.summary)
             results_dir = self.archive.results_dir(job_id)
-            seg_path, sr_path = results_dir / "seg.dcm", results_dir / "sr.dcm"
-            self.archive.write_atomic(seg_path, outcome.seg_bytes)
-            self.archive.write_atomic(sr_path, outcome.sr_bytes)
-            repository.mark_encoded(
-                self.db, job_id, self.owner,
-                repository.EncodedResults(
-                    tb_score=outcome.tb_score, seg_path=str(seg_path), sr_path=str(sr_path),
-                    seg_sop_instance_uid=outcome.seg_sop_instance_uid,
-                    sr_sop_instance_uid=outcome.sr_sop_instance_uid),
-                [d.name for d in self.settings.destinations])
+            archived = []
+            for result in outcome.results:
+                path = results_dir / f"{result.kind}.dcm"
+                self.archive.write_atomic(path, result.data)
+                archived.append(repository.ArchivedResult(result.kind, result.sop_class_uid,
+                                                          result.sop_instance_uid, str(path)))
+            repository.mark_encoded(self.db, job_id, self.owner, outcome.tb_score, archived,
+                                    [d.name for d in self.settings.destinations])
             log.info("job %d encoded (TB score %.3f)", job_id, outcome.tb_score)
         return True

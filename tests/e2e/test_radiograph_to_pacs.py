@@ -29,20 +29,26 @@ RESULT_TIMEOUT_S = 240
 
 @pytest.fixture(scope="module")
 def pacs_and_node(tmp_path_factory: pytest.TempPathFactory):
+    """Orthanc as the PACS (SEG + SR), a second Orthanc as a viewer that cannot show a SEG (SC only)."""
     work = tmp_path_factory.mktemp("e2e")
     node_port, http_port, dicom_port = free_port(), free_port(), free_port()
     orthanc = Orthanc(work / "orthanc", http_port, dicom_port, modalities={
         "cxrnode": {"AET": "CXRNODE", "Host": "127.0.0.1", "Port": node_port}})
+    legacy = Orthanc(work / "legacy", free_port(), free_port(), aet="LEGACY")
     orthanc.start()
+    legacy.start()
     node = NodeProcess(work / "node", node_port, destinations=[
-        {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": dicom_port}])
+        {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": dicom_port},
+        {"name": "legacy", "ae_title": "LEGACY", "host": "127.0.0.1", "port": legacy.dicom_port,
+         "outputs": ["sc"]}])
     try:
         node.start()
-        yield orthanc, node
+        yield orthanc, node, legacy
     finally:
         if node.proc is not None:
             node.stop()
         orthanc.stop()
+        legacy.stop()
 
 
 def wait_for_results(orthanc: Orthanc, study_uid: str) -> tuple[bytes, bytes]:
@@ -69,7 +75,7 @@ def job_for(node: NodeProcess, sop_instance_uid: str) -> dict:
 
 
 def test_nema_chest_cr_sent_with_storescu(pacs_and_node, tmp_path: Path) -> None:
-    orthanc, node = pacs_and_node
+    orthanc, node, _ = pacs_and_node
     source = nema_chest_cr_path()
     ds = dcmread(source)
     orthanc.upload(source)  # the PACS holds the study the results must file into
@@ -111,7 +117,7 @@ def test_nema_chest_cr_sent_with_storescu(pacs_and_node, tmp_path: Path) -> None
 
 
 def test_dx_routed_by_orthanc_matches_reference_mask(pacs_and_node, tmp_path: Path) -> None:
-    orthanc, node = pacs_and_node
+    orthanc, node, _ = pacs_and_node
     ds = make_dx(DATA / "MCUCXR_0017_0.png", size=(2048, 2048))
     path = tmp_path / "dx.dcm"
     ds.save_as(path, enforce_file_format=True)
@@ -169,3 +175,34 @@ def test_dx_routed_by_orthanc_matches_reference_mask(pacs_and_node, tmp_path: Pa
     assert greenish[small_left].mean() > 0.9  # the fill lies on the SEG's pixels
     missing = node.cli("jobs", "show", "99999", "--preview", str(tmp_path / "none.png"))
     assert missing.returncode == 2 and "no job 99999" in missing.stderr
+
+
+def test_each_destination_gets_only_its_outputs(pacs_and_node, tmp_path: Path) -> None:
+    """The SEG-less viewer's PACS receives the Secondary Capture picture and nothing else; the PACS no SC."""
+    orthanc, node, legacy = pacs_and_node
+    ds = make_dx(DATA / "MCUCXR_0017_0.png", size=(1024, 1024), sop_instance_uid="1.2.826.0.1.3680043.8.498.77")
+    path = tmp_path / "dx.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    sent = subprocess.run([dcmtk("storescu"), "-aet", "DCMTKSCU", "-aec", node.ae_title,
+                           "127.0.0.1", str(node.port), str(path)], capture_output=True, text=True, timeout=120)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+
+    wait_for_results(orthanc, ds.StudyInstanceUID)
+    (series,) = wait_until(lambda: legacy.find("Series", {"StudyInstanceUID": ds.StudyInstanceUID}) or None,
+                           RESULT_TIMEOUT_S, what="the SC in the second PACS")
+    (sc_bytes,) = legacy.instance_files(series)
+    sc = dcmread(io.BytesIO(sc_bytes))
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.PhotometricInterpretation == "RGB"
+    assert dciodvfy_errors(sc_bytes) == []
+    job = wait_until(lambda: (j := job_for(node, ds.SOPInstanceUID))["status"] == "done" and j,
+                     RESULT_TIMEOUT_S, what="the job done")
+    assert len(legacy.find("Instance", {"StudyInstanceUID": ds.StudyInstanceUID})) == 1  # the SC alone
+    assert len(orthanc.find("Instance", {"StudyInstanceUID": ds.StudyInstanceUID})) == 2  # SEG + SR, no SC
+    shown = json.loads(node.cli("jobs", "show", str(job["id"]), "--json").stdout)
+    assert sorted(r["kind"] for r in shown["results"]) == ["sc", "seg", "sr"]
+
+    rgb = sc.pixel_array.astype(int)[-sc.Columns:]  # the radiograph below the caption band
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    greenish = (green - np.maximum(red, blue)) > 25
+    half = rgb.shape[1] // 2
+    assert greenish[:, half:].sum() > 20 * max(1, greenish[:, :half].sum())  # patient's left on the image's right

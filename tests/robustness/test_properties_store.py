@@ -161,7 +161,8 @@ def test_worker_gives_every_stored_mutant_a_defined_outcome(node: LocalNode,
         if job.status == "discarded":
             assert job.discard_reason
         else:
-            assert Path(job.seg_path).exists() and Path(job.sr_path).exists()
+            assert [r.kind for r in job.results] == ["seg", "sr"]
+            assert all(Path(r.path).exists() for r in job.results)
         if mutant.is_unchanged:
             assert job.status == "done"
         outcomes[job.status] = outcomes.get(job.status, 0) + 1

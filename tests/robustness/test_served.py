@@ -115,10 +115,10 @@ def test_each_bad_object_has_a_defined_outcome_in_jobs_show(served: NodeProcess)
     lateral_job = shown(served, jobs[str(lateral.SOPInstanceUID)]["id"])
     assert ("select", "discarded", lateral_job["discard_reason"]) in [
         (s["step"], s["outcome"], s["message"]) for s in lateral_job["steps"]]
-    assert lateral_job["seg_sop_instance_uid"] is None
+    assert lateral_job["results"] == []
     plain_job = shown(served, jobs[str(no_spacing.SOPInstanceUID)]["id"])
     assert ("encode", "ok") in [(s["step"], s["outcome"]) for s in plain_job["steps"]]
-    assert plain_job["sr_sop_instance_uid"]
+    assert [r["kind"] for r in plain_job["results"]] == ["seg", "sr"]
     echo_with_dcmtk(served)
 
 

@@ -51,7 +51,7 @@ def received_and_processed(node: LocalNode, ds: Dataset | Path) -> Job:
 
 def lungs(job: Job) -> np.ndarray:
     """The union of both lung segments of a job's SEG, in source geometry (bool)."""
-    seg = hd.seg.segread(job.seg_path)
+    seg = hd.seg.segread(job.result("seg").path)
     frames = seg.get_pixels_by_source_instance([job.instance.sop_instance_uid],
                                                segment_numbers=[1, 2])[0]
     return frames.any(axis=-1)
@@ -63,7 +63,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def assert_discarded(job: Job, *words: str) -> None:
     assert job.status == "discarded", (job.status, job.last_error)
-    assert job.seg_path is None and job.sr_path is None
+    assert job.results == []
     assert all(w in (job.discard_reason or "") for w in words), job.discard_reason
     (event,) = [e for e in job.events if e.outcome == "discarded"]
     assert event.message == job.discard_reason
@@ -129,10 +129,10 @@ def test_4096_square_16_bit_is_processed_with_sane_memory(node: LocalNode) -> No
 def test_no_pixel_spacing_gives_results_without_areas(node: LocalNode) -> None:
     job = received_and_processed(node, make_cr(IMAGE, size=SIZE, pixel_spacing=None))
     assert job.status == "done", job.last_error
-    sr = hd.sr.srread(job.sr_path)
+    sr = hd.sr.srread(job.result("sr").path)
     for group in sr.content.get_planar_roi_measurement_groups():
         assert [m for m in group.get_measurements() if m.name.meaning == "Area"] == []
-    text = Path(job.sr_path).read_bytes()
+    text = Path(job.result("sr").path).read_bytes()
     assert b"Lung areas not reported: no usable Imager Pixel Spacing or Pixel Spacing" in text
 
 

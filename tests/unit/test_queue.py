@@ -21,7 +21,8 @@ def received(n: int = 1) -> repo.ReceivedInstance:
                                  "1.2.840.10008.1.2.1", f"/x/{n}.dcm", 10, "SCU")
 
 
-RESULTS = repo.EncodedResults(0.5, "/r/seg.dcm", "/r/sr.dcm", "1.2.9.1", "1.2.9.2")
+RESULTS = [repo.ArchivedResult("seg", "1.2.840.10008.5.1.4.1.1.66.4", "1.2.9.1", "/r/seg.dcm"),
+           repo.ArchivedResult("sr", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.9.2", "/r/sr.dcm")]
 
 
 def test_every_state_has_a_transition_entry() -> None:
@@ -45,7 +46,7 @@ def test_happy_path_records_every_step(db: Database) -> None:
     job_id = repo.enqueue(db, received()).job_id
     assert repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "w1", 60) == job_id
     assert repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "w2", 60) is None
-    repo.mark_encoded(db, job_id, "w1", RESULTS, ["pacs", "backup"])
+    repo.mark_encoded(db, job_id, "w1", 0.5, RESULTS, ["pacs", "backup"])
     assert repo.claim(db, JobStatus.ENCODED, JobStatus.SENDING, "s1", 60) == job_id
     repo.record_delivery(db, job_id, "pacs", None)
     repo.record_delivery(db, job_id, "backup", None)
@@ -59,7 +60,7 @@ def test_happy_path_records_every_step(db: Database) -> None:
 def test_send_failures_back_off_then_fail_and_retry_resends(db: Database) -> None:
     job_id = repo.enqueue(db, received()).job_id
     repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "w", 60)
-    repo.mark_encoded(db, job_id, "w", RESULTS, ["pacs"])
+    repo.mark_encoded(db, job_id, "w", 0.5, RESULTS, ["pacs"])
     for attempt in (1, 2):
         assert repo.claim(db, JobStatus.ENCODED, JobStatus.SENDING, "s", 60) == job_id
         assert repo.record_delivery(db, job_id, "pacs", "refused") == attempt
@@ -97,7 +98,7 @@ def test_expired_lease_is_reaped_and_the_late_worker_cannot_record(db: Database)
     assert repo.reap_expired(db, max_attempts=3) == [job_id]
     assert repo.get_job(db, job_id).status == "queued"
     with pytest.raises(repo.LeaseLost):
-        repo.mark_encoded(db, job_id, "dead", RESULTS, ["pacs"])
+        repo.mark_encoded(db, job_id, "dead", 0.5, RESULTS, ["pacs"])
     assert repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "alive", 60) == job_id
 
 

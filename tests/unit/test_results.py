@@ -521,3 +521,66 @@ class TestViewerGeometry:
         read = round_trip(sr, tmp_path)
         _, *outline_groups = read.content.get_image_measurement_groups()
         assert len(outline_groups) == 1 and len(read.content.get_planar_roi_measurement_groups()) == 2
+
+
+@pytest.fixture(scope="module")
+def sc_case(dx_case: dict) -> dict:
+    from node.imaging import display_pixels
+    from node.results.sc import SC_MAX_SIDE, build_secondary_capture
+
+    source = dx_case["source"]
+    sc = build_secondary_capture(source, display_pixels(source), dx_case["left"], dx_case["right"],
+                                 patient_left_on_image_right=True, tb_score=0.83, threshold=0.5,
+                                 algorithms=ALGORITHMS)
+    return {"sc": sc, "max_side": SC_MAX_SIDE, **dx_case}
+
+
+class TestSecondaryCapture:
+    """The overlay picture for viewers that cannot show a SEG: valid, referenced, lungs on the right sides."""
+
+    @needs_montgomery
+    def test_has_no_dciodvfy_errors_and_rereads(self, sc_case: dict) -> None:
+        assert_valid(sc_case["sc"])
+        reread(sc_case["sc"])
+
+    @needs_montgomery
+    def test_is_an_rgb_picture_in_the_source_study_that_says_what_it_is(self, sc_case: dict) -> None:
+        sc, source = sc_case["sc"], sc_case["source"]
+        assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.SeriesInstanceUID != source.SeriesInstanceUID
+        assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
+        assert sc.Columns <= sc_case["max_side"] < sc.Rows  # the radiograph scaled down, a caption band above it
+        assert sc.BurnedInAnnotation == "YES" and "NOT FOR DIAGNOSIS" in sc.ImageComments
+        assert "PixelSpacing" not in sc  # nothing may be measured on a picture
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+    @needs_montgomery
+    def test_patient_left_lung_is_green_on_the_image_right(self, sc_case: dict) -> None:
+        from node.results.picture import LEFT_COLOUR, RIGHT_COLOUR
+
+        rgb = sc_case["sc"].pixel_array.astype(int)
+        image = rgb[-sc_case["sc"].Columns:]  # the radiograph is the square below the caption band
+        half = image.shape[1] // 2
+
+        def share(part: np.ndarray, colour: tuple[int, int, int]) -> float:
+            # A filled pixel leans to its lung's colour: its dominant channel matches the colour's.
+            dominant = int(np.argmax(colour))
+            others = [c for c in range(3) if c != dominant]
+            lean = part[..., dominant] - part[..., others].max(axis=-1)
+            return float(np.mean(lean > 30))
+
+        assert share(image[:, half:], LEFT_COLOUR) > 0.05 > share(image[:, :half], LEFT_COLOUR)
+        assert share(image[:, :half], RIGHT_COLOUR) > 0.05 > share(image[:, half:], RIGHT_COLOUR)
+
+    def test_uids_are_deterministic(self, small_dx: Dataset) -> None:
+        from node.imaging import display_pixels
+        from node.results.sc import build_secondary_capture
+
+        left, right = ellipse_masks(small_dx.Rows, small_dx.Columns)
+        make = lambda threshold: build_secondary_capture(  # noqa: E731
+            small_dx, display_pixels(small_dx), left, right, patient_left_on_image_right=True, tb_score=0.4,
+            threshold=threshold, algorithms=ALGORITHMS)
+        assert make(0.5).SOPInstanceUID == make(0.5).SOPInstanceUID != make(0.6).SOPInstanceUID
+        with pytest.raises(ValueError, match="tb_score"):
+            build_secondary_capture(small_dx, display_pixels(small_dx), left, right, patient_left_on_image_right=True,
+                                    tb_score=1.5, threshold=0.5, algorithms=ALGORITHMS)

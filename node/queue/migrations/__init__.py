@@ -1,0 +1,1 @@
+"""Alembic migrations of the queue schema; applied by :func:`node.queue.migrate.upgrade`."""
