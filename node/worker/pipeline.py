@@ -117,11 +117,22 @@ def prepare_source(ds: Dataset) -> None:
         ds.SpecificCharacterSet = ["ISO 2022 IR 6", *values[1:]]
 
 
+def standard_view(ds: Dataset, pixels: np.ndarray) -> np.ndarray:
+    """The pixels as the networks were trained to see them: the patient's left on the image's right.
+
+    An image whose Patient Orientation says it is mirrored (row direction R) is flipped left-right
+    for the networks; :func:`patient_sides` flips the masks back onto the stored pixel grid.
+    """
+    return pixels if patient_left_on_image_right(ds) else pixels[:, ::-1]
+
+
 def patient_sides(ds: Dataset, analysis: LungAnalysis) -> tuple[np.ndarray, np.ndarray]:
-    """(patient's left lung, patient's right lung) from the image-side masks."""
+    """(patient's left lung, patient's right lung) on the stored pixel grid, from an analysis of
+    :func:`standard_view` (where the patient's left lung is the one on the image's right)."""
+    left, right = analysis.image_right, analysis.image_left
     if patient_left_on_image_right(ds):
-        return analysis.image_right, analysis.image_left
-    return analysis.image_left, analysis.image_right
+        return left, right
+    return np.ascontiguousarray(left[:, ::-1]), np.ascontiguousarray(right[:, ::-1])
 
 
 class Pipeline:
@@ -158,7 +169,7 @@ class Pipeline:
             pixels = display_pixels(ds)
         except UnreadablePixels as exc:
             raise RejectedInput(f"unreadable pixel data: {exc}") from None
-        analysis = self.analyzer.analyze(pixels)
+        analysis = self.analyzer.analyze(standard_view(ds, pixels))
         inferred = time.perf_counter()
         left, right = patient_sides(ds, analysis)
         spacing = pixel_spacing_mm(ds)
