@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+#: Where the Debian packages ``orthanc`` and ``orthanc-dicomweb`` put their plugins.
+ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
 
 
 def free_port() -> int:
@@ -61,11 +63,23 @@ class Orthanc:
     aet: str = "ORTHANC"
     modalities: dict[str, dict[str, Any]] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
+    #: Plugin libraries to load (absolute paths, e.g. ``ORTHANC_PLUGINS / "libServeFolders.so"``).
+    plugins: list[str] = field(default_factory=list)
+    #: Top-level configuration entries added to (or replacing) the defaults, e.g. ``{"DicomWeb": {...}}``.
+    extra_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def start(self) -> Orthanc:
         binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
         if not Path(binary).exists():
             raise RuntimeError("Orthanc is not installed (Debian package 'orthanc'; .ci/run installs it)")
+        for plugin in self.plugins:
+            if not Path(plugin).is_file():
+                package = "orthanc-dicomweb" if "DicomWeb" in Path(plugin).name else "orthanc"
+                raise RuntimeError(f"Orthanc plugin {plugin} is missing (Debian package '{package}')")
         db = self.workdir / "db"
         db.mkdir(parents=True, exist_ok=True)
         config = {
@@ -78,14 +92,16 @@ class Orthanc:
             "DicomAlwaysAllowEcho": True, "UnknownSopClassAccepted": False,
             "DicomModalities": {name: [m["AET"], m["Host"], m["Port"]]
                                 for name, m in self.modalities.items()},
-            "Plugins": [], "StableAge": 1, "LogExportedResources": False,
+            "Plugins": list(self.plugins), "StableAge": 1, "LogExportedResources": False,
         }
+        config.update(self.extra_config)
         config_file = self.workdir / "orthanc.json"
         config_file.write_text(json.dumps(config, indent=2))
         log = open(self.workdir / "orthanc.log", "wb")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen([binary, str(config_file)], stdout=log, stderr=subprocess.STDOUT)
         wait_for_port(self.http_port, 30, self.proc)
-        wait_for_port(self.dicom_port, 30, self.proc)
+        if config["DicomServerEnabled"]:
+            wait_for_port(self.dicom_port, 30, self.proc)
         wait_until(lambda: self._alive(), 30, what="Orthanc REST")
         return self
 
