@@ -27,7 +27,7 @@ from PIL import Image
 from pydicom import dcmread
 from scipy import ndimage
 
-from tests.dicom_factory import FIXTURE_DIR, make_dx, reference_lung_masks
+from tests.dicom_factory import FIXTURE_DIR, make_dx, nema_chest_cr_path, reference_lung_masks
 from tests.servers import NodeProcess, Orthanc, free_port, wait_until
 from tests.viewer.ohif import ohif_url, page_xy, viewport_pixels
 
@@ -283,3 +283,27 @@ def test_secondary_capture_shows_the_overlay_picture(viewer_pacs, node, drive, t
     greenish = (radiograph[..., 1] - np.maximum(radiograph[..., 0], radiograph[..., 2])) > 25
     half = radiograph.shape[1] // 2
     assert greenish[:, half:].sum() > 20 * max(1, greenish[:, :half].sum())  # patient's left on the right
+
+
+def test_nema_chest_cr_seg_loads(viewer_pacs, node, drive, tmp_path: Path) -> None:
+    """The real NEMA chest CR (JPEG 2000, 1955 x 1841): its SEG, FRACTIONAL because 1-bit frames
+    would have an odd length, loads from Orthanc 1.10 into OHIF with the node's exact pixels.
+
+    Only OHIF's state is asserted here: OHIF 3.13.2 draws this CR itself black (its thumbnail
+    too, with or without a SEG), so its screen shows nothing to compare; the odd size is checked on
+    the screen with the 1955 x 1841 DX above.
+    """
+    source = nema_chest_cr_path()
+    ds = dcmread(source)
+    results = route_and_wait(viewer_pacs, source, ds.StudyInstanceUID)
+    seg = hd.seg.segread(io.BytesIO(results["seg"][1]))
+    assert seg.SegmentationType == "FRACTIONAL"
+    masks = seg.get_pixels_by_source_instance([ds.SOPInstanceUID], segment_numbers=[1, 2])[0] > 0
+    dump = drive(ohif_url(viewer_pacs.base_url, ds.StudyInstanceUID), tmp_path, name="nema-seg",
+                 open_series=results["seg"][0], wait_for="seg", panel="segmentation", timeout_s=90)
+    print(f"\nOHIF with the NEMA CR's SEG: {dump['screenshot']}")
+    assert_clean(dump)
+    (segmentation,) = dump["segmentations"]
+    assert (segmentation["labelmap"]["width"], segmentation["labelmap"]["height"]) == (ds.Columns, ds.Rows)
+    counts = {s["label"]: s["pixel_count"] for s in segmentation["segments"]}
+    assert counts == {"Left lung": int(masks[..., 0].sum()), "Right lung": int(masks[..., 1].sum())}
