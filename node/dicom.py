@@ -24,8 +24,31 @@ DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
 DX_FOR_PROCESSING = UID("1.2.840.10008.5.1.4.1.1.1.1.1")
 VERIFICATION = UID("1.2.840.10008.1.1")
 
-#: Storage SOP classes the listener negotiates; anything else is refused at association.
-ACCEPTED_SOP_CLASSES: tuple[UID, ...] = (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING)
+SECONDARY_CAPTURE = UID("1.2.840.10008.5.1.4.1.1.7")
+MULTIFRAME_GRAYSCALE_BYTE_SC = UID("1.2.840.10008.5.1.4.1.1.7.2")
+MULTIFRAME_GRAYSCALE_WORD_SC = UID("1.2.840.10008.5.1.4.1.1.7.3")
+
+#: Image SOP classes a chest radiograph can arrive in: these are kept and judged by the acceptance
+#: rules (``node.worker.selection``). A chest film stored as Secondary Capture (e.g. NIH
+#: ChestX-ray14 in the NHS COVID-19 Chest Imaging Database) is analysed when its header says
+#: it is a frontal chest radiograph.
+ANALYSED_SOP_CLASSES: tuple[UID, ...] = (
+    CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING,
+    SECONDARY_CAPTURE, MULTIFRAME_GRAYSCALE_BYTE_SC, MULTIFRAME_GRAYSCALE_WORD_SC,
+)
+
+
+def _all_storage_sop_classes() -> tuple[UID, ...]:
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    return tuple(UID(c.abstract_syntax) for c in AllStoragePresentationContexts)
+
+
+#: Every storage SOP class pynetdicom knows: the listener accepts them all (a PACS routing rule
+#: then never fails on a CT or a report) and the node decides afterwards. Objects of classes
+#: outside :data:`ANALYSED_SOP_CLASSES` are acknowledged and recorded as discarded with the
+#: reason; their bytes are not kept.
+STORAGE_SOP_CLASSES: tuple[UID, ...] = _all_storage_sop_classes()
 
 #: Transfer syntaxes the listener accepts: uncompressed and every compression pydicom
 #: decodes with the pylibjpeg plugins.

@@ -162,6 +162,7 @@ class AcceptanceSettings:
     allow_missing_view_position: bool = True
     min_rows: int = 256
     min_columns: int = 256
+    allow_burned_in_annotation: bool = False
 
     def __post_init__(self) -> None:
         if not self.modalities:

@@ -75,19 +75,23 @@ def _held(session: Session, job_id: int, owner: str) -> Job:
     return job
 
 
+def _seen_before(session: Session, received: ReceivedInstance, what_now: str) -> EnqueueResult | None:
+    """The existing job of a SOP Instance UID received before (with a ``receive duplicate`` event)."""
+    existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == received.sop_instance_uid))
+    if existing is None:
+        return None
+    _event(session, existing.job, "receive", "duplicate", f"received again from {received.calling_ae_title}; {what_now}")
+    return EnqueueResult(existing.job.id, duplicate=True)
+
+
 def enqueue(db: Database, received: ReceivedInstance) -> EnqueueResult:
     """Record an archived instance and queue its job, in one transaction.
 
     A SOP Instance UID seen before is not queued again; the existing job gets an event.
     """
     with db.session() as session:
-        existing = session.scalar(
-            select(Instance).where(Instance.sop_instance_uid == received.sop_instance_uid)
-        )
-        if existing is not None:
-            _event(session, existing.job, "receive", "duplicate",
-                   f"received again from {received.calling_ae_title}; not processed twice")
-            return EnqueueResult(existing.job.id, duplicate=True)
+        if (seen := _seen_before(session, received, "not processed twice")) is not None:
+            return seen
         instance = Instance(**received.__dict__, received_at=utcnow())
         job = Job(instance=instance, status=JobStatus.QUEUED, next_attempt_at=utcnow(),
                   created_at=utcnow(), updated_at=utcnow())
@@ -96,6 +100,34 @@ def enqueue(db: Database, received: ReceivedInstance) -> EnqueueResult:
         _event(session, job, "receive", "ok", f"stored from {received.calling_ae_title}",
                to_status=JobStatus.QUEUED)
         return EnqueueResult(job.id, duplicate=False)
+
+
+def record_discarded(db: Database, received: ReceivedInstance, reason: str) -> EnqueueResult:
+    """Record an object acknowledged but neither kept nor analysed (``received.path`` empty): its
+    instance row and a job already discarded with ``reason``, in one transaction.
+
+    A SOP Instance UID seen before only adds an event to its existing job.
+    """
+    with db.session() as session:
+        if (seen := _seen_before(session, received, "not kept")) is not None:
+            return seen
+        now = utcnow()
+        instance = Instance(**received.__dict__, received_at=now)
+        job = Job(instance=instance, status=JobStatus.DISCARDED, next_attempt_at=now, created_at=now,
+                  updated_at=now, finished_at=now, discard_reason=redact(reason))
+        session.add_all([instance, job])
+        session.flush()
+        _event(session, job, "receive", "ok", f"acknowledged from {received.calling_ae_title}; bytes not kept")
+        _event(session, job, "select", "discarded", reason, to_status=JobStatus.DISCARDED)
+        return EnqueueResult(job.id, duplicate=False)
+
+
+def is_own_result(db: Database, sop_instance_uid: str) -> bool:
+    """True if ``sop_instance_uid`` is one of the result objects this node made."""
+    with db.session() as session:
+        return session.scalar(
+            select(ResultObject.id).where(ResultObject.sop_instance_uid == sop_instance_uid).limit(1)
+        ) is not None
 
 
 def claim(db: Database, ready: JobStatus, leased: JobStatus, owner: str,

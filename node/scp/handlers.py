@@ -16,11 +16,12 @@ from hashlib import sha256
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import events
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.archive import Archive, UnsafeUID, check_uid
-from node.dicom import Status
+from node.dicom import ANALYSED_SOP_CLASSES, Status
 from node.queue import repository
 from node.queue.db import Database
 
@@ -108,12 +109,34 @@ def handle_store(event: events.Event, ctx: StoreContext) -> int:
     study_uid, series_uid = checked
     try:
         with ctx.locks.hold(request_uid):
+            reason = _not_kept_reason(event, ctx, request_uid)
+            if reason is not None:
+                result = repository.record_discarded(ctx.db, _received(event, study_uid, series_uid, "", 0), reason)
+                log.info("C-STORE %s from %s: acknowledged, not kept (job %d): %s", request_uid,
+                         event.assoc.requestor.ae_title, result.job_id, reason)
+                return Status.SUCCESS
             if repository.instance_exists(ctx.db, request_uid):
                 return _store_duplicate(event, ctx, study_uid, series_uid)
             return _store_new(event, ctx, study_uid, series_uid)
     except (OSError, SQLAlchemyError) as exc:
         log.error("C-STORE %s: cannot archive or queue: %s", request_uid, type(exc).__name__)
         return Status.OUT_OF_RESOURCES
+
+
+def _not_kept_reason(event: events.Event, ctx: StoreContext, request_uid: str) -> str | None:
+    """Why an object is acknowledged but its bytes are not kept, or None to archive and queue it.
+
+    Two kinds are dropped at once: objects of SOP classes no chest radiograph comes in (CT, SR,
+    presentation states, other SEGs, ...: a PACS rule that routes a whole study must not fail,
+    but the node has no reason to hold their patient data), and this node's own results routed
+    back to it (loop safety). Both are recorded as discarded jobs with the reason.
+    """
+    sop_class = UID(str(event.request.AffectedSOPClassUID))
+    if repository.is_own_result(ctx.db, request_uid):
+        return f"{sop_class.name} made by this node (its own result routed back): dropped, never analysed or re-sent"
+    if sop_class not in ANALYSED_SOP_CLASSES:
+        return f"{sop_class.name} is not an image class a chest radiograph comes in: bytes not kept"
+    return None
 
 
 def _check_uids(event: events.Event, request_uid: str) -> tuple[str, str] | int:

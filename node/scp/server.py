@@ -10,7 +10,7 @@ from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.archive import Archive
-from node.dicom import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES, VERIFICATION
+from node.dicom import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES, VERIFICATION
 from node.queue.db import Database
 from node.scp import handlers
 from node.scp.associations import AssociationAudit, AuditedAssociationServer
@@ -40,7 +40,7 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext:
 
 
 def build_ae(settings: Settings) -> AE:
-    """The application entity with only the contexts the node needs (fast association)."""
+    """The application entity: Verification and every storage SOP class, in any transfer syntax it can decode."""
     ae = AE(ae_title=settings.node.ae_title)
     ae.maximum_pdu_size = settings.node.max_pdu_size
     ae.network_timeout = settings.node.network_timeout_s
@@ -49,7 +49,7 @@ def build_ae(settings: Settings) -> AE:
     if settings.node.allowed_calling_ae_titles:
         ae.require_calling_aet = list(settings.node.allowed_calling_ae_titles)
     ae.add_supported_context(VERIFICATION)
-    for sop_class in ACCEPTED_SOP_CLASSES:
+    for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
     return ae
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from pydicom.dataset import Dataset
 
-from node.dicom import ACCEPTED_SOP_CLASSES
+from node.dicom import ANALYSED_SOP_CLASSES, CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING
+from node.results.device import DEFAULT_DEVICE
 from node.settings import AcceptanceSettings
+
+_RADIOGRAPH_CLASSES = (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING)
 
 
 class _Unreadable(ValueError):
@@ -51,11 +54,21 @@ def rejection_reason(ds: Dataset, rules: AcceptanceSettings) -> str | None:
 
 def _reason(ds: Dataset, rules: AcceptanceSettings) -> str | None:
     sop_class = _text(ds, "SOPClassUID")
-    if sop_class not in ACCEPTED_SOP_CLASSES:
-        return f"SOP class {sop_class or '(none)'} is not a CR or DX image"
+    if sop_class not in ANALYSED_SOP_CLASSES:
+        return f"SOP class {sop_class or '(none)'} is not a radiograph image class"
+    if _text(ds, "Manufacturer") == DEFAULT_DEVICE.manufacturer.upper() and \
+            _text(ds, "ManufacturerModelName") == DEFAULT_DEVICE.manufacturer_model_name.upper():
+        return "made by cxrnode (its own result routed back): never analysed"
     modality = _text(ds, "Modality")
     if modality not in rules.modalities:
         return f"Modality {modality or '(none)'} is not one of {', '.join(rules.modalities)}"
+    if sop_class not in _RADIOGRAPH_CLASSES:
+        # A Secondary Capture is a chest film only when its header says so, and not a picture of one.
+        if _text(ds, "BurnedInAnnotation") == "YES" and not rules.allow_burned_in_annotation:
+            return "Secondary Capture with Burned In Annotation YES (a picture, not a radiograph)"
+        frames = _value(ds, "NumberOfFrames")
+        if frames not in (None, "", 1, "1"):
+            return f"multi-frame Secondary Capture ({frames} frames)"
     body_part = _text(ds, "BodyPartExamined")
     if body_part:
         if body_part not in rules.body_parts:

@@ -15,7 +15,8 @@ import highdicom as hd
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
+from pydicom.uid import SecondaryCaptureImageStorage
 
 from tests.dicom_factory import make_dx, nema_chest_cr_path
 from tests.servers import NodeProcess, Orthanc, dcmtk, free_port, wait_until
@@ -206,3 +207,57 @@ def test_each_destination_gets_only_its_outputs(pacs_and_node, tmp_path: Path) -
     greenish = (green - np.maximum(red, blue)) > 25
     half = rgb.shape[1] // 2
     assert greenish[:, half:].sum() > 20 * max(1, greenish[:, :half].sum())  # patient's left on the image's right
+
+
+def nih_like_secondary_capture(path: Path) -> Dataset:
+    """A chest film as the NCCID keeps NIH ChestX-ray14: Secondary Capture, Modality DX, 8-bit,
+    no Body Part, View Position, Patient Orientation or pixel spacing."""
+    ds = make_dx(DATA / "MCUCXR_0017_0.png", size=(1024, 1024), bits_stored=8, pixel_spacing=None,
+                 spacing_attribute="PixelSpacing")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    for keyword in ("BodyPartExamined", "ViewPosition", "PatientOrientation", "ImagerPixelSpacing",
+                    "PixelSpacing", "DetectorType", "PositionerType", "PresentationIntentType",
+                    "ImageLaterality", "ImageType", "Manufacturer"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.ConversionType = "WSD"
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def test_chest_film_stored_as_secondary_capture_is_analysed(pacs_and_node, tmp_path: Path) -> None:
+    orthanc, node, _ = pacs_and_node
+    ds = nih_like_secondary_capture(tmp_path / "sc.dcm")
+    instance = orthanc.upload(tmp_path / "sc.dcm")
+    answer = orthanc.post("/modalities/cxrnode/store", {"Resources": [instance], "Synchronous": True})
+    assert answer["FailedInstancesCount"] == 0
+    seg_bytes, sr_bytes = wait_for_results(orthanc, ds.StudyInstanceUID)
+    assert dciodvfy_errors(seg_bytes) == []
+    assert dciodvfy_errors(sr_bytes) == []
+    assert b"Pixel Spacing" in sr_bytes  # no spacing: the areas are left out, with the reason
+
+
+def test_results_routed_back_are_dropped_never_analysed_or_resent(pacs_and_node, tmp_path: Path) -> None:
+    """Loop safety: a PACS rule without an origin filter sends the node's SEG and SR back to it."""
+    orthanc, node, _ = pacs_and_node
+    ds = make_dx(DATA / "MCUCXR_0017_0.png", size=(1024, 1024))
+    ds.save_as(tmp_path / "dx.dcm", enforce_file_format=True)
+    source = orthanc.upload(tmp_path / "dx.dcm")
+    orthanc.post("/modalities/cxrnode/store", {"Resources": [source], "Synchronous": True})
+    seg_bytes, sr_bytes = wait_for_results(orthanc, ds.StudyInstanceUID)
+    job_for_source = wait_until(lambda: (j := job_for(node, ds.SOPInstanceUID))["status"] == "done" and j,
+                                RESULT_TIMEOUT_S, what="the job done")
+
+    results = [i["ID"] for i in orthanc.get(f"/studies/{orthanc.find('Study', {'StudyInstanceUID': ds.StudyInstanceUID})[0]}/instances")
+               if i["ID"] != source]
+    assert len(results) == 2
+    answer = orthanc.post("/modalities/cxrnode/store", {"Resources": results, "Synchronous": True})
+    assert answer["InstancesCount"] == 2 and answer["FailedInstancesCount"] == 0
+
+    own = [dcmread(io.BytesIO(b)).SOPInstanceUID for b in (seg_bytes, sr_bytes)]
+    for uid in own:
+        job = job_for(node, uid)
+        assert job["status"] == "discarded" and "made by this node" in job["discard_reason"], job
+    # Nothing was analysed or sent again: still one SEG and one SR, and the source's job unchanged.
+    assert len(orthanc.find("Instance", {"StudyInstanceUID": ds.StudyInstanceUID})) == 3
+    assert job_for(node, ds.SOPInstanceUID) == job_for_source

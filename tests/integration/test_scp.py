@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import BasicTextSRStorage, CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -77,14 +77,37 @@ def test_echo_and_compressed_cr_from_dcmtk(listener) -> None:
     assert Path(job.instance.path).read_bytes() [128:132] == b"DICM"
 
 
-def test_non_radiograph_sop_class_is_refused_at_association(listener) -> None:
-    _, db, port = listener
-    assoc = associate(port, CTImageStorage, Verification)
+def test_any_storage_class_is_acknowledged_and_an_off_target_one_is_discarded_unkept(listener) -> None:
+    """A PACS that routes a whole study never fails on its CT or report: Success, a discarded job
+    with the reason, and no bytes of it on disk."""
+    settings, db, port = listener
+    ct = make_dx(DATA / "MCUCXR_0017_0.png", size=(256, 256))
+    ct.SOPClassUID, ct.Modality = CTImageStorage, "CT"
+    ct.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    assoc = associate(port, CTImageStorage, BasicTextSRStorage, Verification)
     assert assoc.is_established
     accepted = {str(c.abstract_syntax) for c in assoc.accepted_contexts}
-    assert CTImageStorage not in accepted and Verification in accepted
+    assert {CTImageStorage, BasicTextSRStorage, Verification} <= accepted
+    assert assoc.send_c_store(ct).Status == 0x0000
+    assert assoc.send_c_store(ct).Status == 0x0000  # again: one job, an event
     assoc.release()
-    assert repository.list_jobs(db) == []
+    (job,) = repository.list_jobs(db)
+    assert job.status == "discarded" and "CT Image Storage" in job.discard_reason
+    assert "bytes not kept" in job.discard_reason and job.instance.path == ""
+    assert not any(p.is_file() for p in (settings.data_path / "archive").rglob("*"))
+    steps = [(e.step, e.outcome) for e in repository.get_job(db, job.id).events]
+    assert steps == [("receive", "ok"), ("select", "discarded"), ("receive", "duplicate")]
+
+
+def test_secondary_capture_is_kept_for_the_acceptance_rules(listener) -> None:
+    _, db, port = listener
+    ds = make_dx(DATA / "MCUCXR_0017_0.png", size=(256, 256))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    assoc = associate(port, SecondaryCaptureImageStorage)
+    assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    (job,) = repository.list_jobs(db)
+    assert job.status == "queued" and Path(job.instance.path).is_file()
 
 
 def test_calling_ae_not_on_the_allow_list_is_rejected(listener) -> None:

@@ -21,7 +21,7 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
 from node.archive import Archive
-from node.dicom import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES, VERIFICATION
+from node.dicom import ANALYSED_SOP_CLASSES as ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES, VERIFICATION
 from node.queue import repository
 from node.queue.db import Database
 from node.queue.tables import Job

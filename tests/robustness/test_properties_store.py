@@ -39,7 +39,7 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from node.dicom import ACCEPTED_SOP_CLASSES, VERIFICATION, Status
+from node.dicom import ANALYSED_SOP_CLASSES as ACCEPTED_SOP_CLASSES, VERIFICATION, Status
 from node.queue import repository
 from tests.dicom_factory import part10_bytes
 from tests.robustness.harness import CALLING_AE, LocalNode, store

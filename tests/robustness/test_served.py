@@ -15,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from node.dicom import ACCEPTED_SOP_CLASSES, VERIFICATION, Status
+from node.dicom import ANALYSED_SOP_CLASSES as ACCEPTED_SOP_CLASSES, VERIFICATION, Status
 from tests.dicom_factory import make_cr, make_dx, montgomery_case
 from tests.robustness.wire import Cut, cut_store, garbage_connection
 from tests.servers import NodeProcess, dcmtk, free_port, wait_until

@@ -1,7 +1,7 @@
 """Bad input at the listener: truncated streams, unsafe UIDs, duplicates. No networks needed.
 
-The non-radiograph SOP class case (a CT refused at association) is
-``tests/integration/test_scp.py::test_non_radiograph_sop_class_is_refused_at_association``.
+The non-radiograph SOP class case (a CT acknowledged, discarded, not kept) is
+``tests/integration/test_scp.py::test_any_storage_class_is_acknowledged_and_an_off_target_one_is_discarded_unkept``.
 """
 
 from __future__ import annotations
