@@ -18,6 +18,7 @@ from PIL import Image
 from pydicom import Dataset, dcmread
 from pydicom.uid import SecondaryCaptureImageStorage
 
+from node.dicom import SECONDARY_CAPTURE
 from tests.dicom_factory import make_dx, nema_chest_cr_path
 from tests.servers import NodeProcess, Orthanc, dcmtk, free_port, wait_until
 from tests.validation import dciodvfy_errors
@@ -193,7 +194,7 @@ def test_each_destination_gets_only_its_outputs(pacs_and_node, tmp_path: Path) -
                            RESULT_TIMEOUT_S, what="the SC in the second PACS")
     (sc_bytes,) = legacy.instance_files(series)
     sc = dcmread(io.BytesIO(sc_bytes))
-    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.PhotometricInterpretation == "RGB"
+    assert sc.SOPClassUID == SECONDARY_CAPTURE and sc.PhotometricInterpretation == "RGB"
     assert dciodvfy_errors(sc_bytes) == []
     job = wait_until(lambda: (j := job_for(node, ds.SOPInstanceUID))["status"] == "done" and j,
                      RESULT_TIMEOUT_S, what="the job done")

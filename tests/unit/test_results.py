@@ -28,6 +28,7 @@ from node.results import (
 )
 from node.results.seg import DISPLAY_ORIENTATION, NOMINAL_SPACING_COMMENT, segmentation_type_for
 from node.results.sr import AREA, COMMENT, OHIF_ARROW, OHIF_FREEHAND, TB_SCORE, TB_SCREENING_RESULT
+from node.dicom import SECONDARY_CAPTURE
 from tests.dicom_factory import make_cr, make_dx, montgomery_case, nema_chest_cr_path, reference_lung_masks
 from tests.validation import dciodvfy_errors
 
@@ -546,7 +547,7 @@ class TestSecondaryCapture:
     @needs_montgomery
     def test_is_an_rgb_picture_in_the_source_study_that_says_what_it_is(self, sc_case: dict) -> None:
         sc, source = sc_case["sc"], sc_case["source"]
-        assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        assert sc.SOPClassUID == SECONDARY_CAPTURE
         assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.SeriesInstanceUID != source.SeriesInstanceUID
         assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
         assert sc.Columns <= sc_case["max_side"] < sc.Rows  # the radiograph scaled down, a caption band above it

@@ -27,6 +27,7 @@ from PIL import Image
 from pydicom import dcmread
 from scipy import ndimage
 
+from node.dicom import SECONDARY_CAPTURE
 from tests.dicom_factory import FIXTURE_DIR, make_dx, nema_chest_cr_path, reference_lung_masks
 from tests.servers import NodeProcess, Orthanc, free_port, wait_until
 from tests.viewer.ohif import ohif_url, page_xy, viewport_pixels
@@ -36,7 +37,6 @@ pytestmark = pytest.mark.e2e
 SOURCE_PNG = FIXTURE_DIR / "MCUCXR_0017_0.png"
 MASK_PNG = FIXTURE_DIR / "MCUCXR_0017_0_mask.png"
 RESULT_TIMEOUT_S = 240
-SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 
 # (id, view position, Patient Orientation or None, mirrored pixel data, (rows, columns))
 CASES = [
@@ -269,7 +269,7 @@ def test_secondary_capture_shows_the_overlay_picture(viewer_pacs, node, drive, t
     ds, path = build_case(("sc", "PA", ("L", "F"), False, (1024, 1024)), tmp_path)
     results = route_and_wait(viewer_pacs, path, ds.StudyInstanceUID)
     sc = dcmread(io.BytesIO(results["sc"][1]))
-    assert sc.SOPClassUID == SC_SOP_CLASS
+    assert sc.SOPClassUID == SECONDARY_CAPTURE
     dump = drive(ohif_url(viewer_pacs.base_url, ds.StudyInstanceUID), tmp_path, name="sc",
                  open_series=results["sc"][0], wait_for="image")
     print(f"\nOHIF with the Secondary Capture: {dump['screenshot']}")
