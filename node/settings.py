@@ -163,6 +163,7 @@ class AcceptanceSettings:
     min_rows: int = 256
     min_columns: int = 256
     allow_burned_in_annotation: bool = False
+    allow_derived_secondary_capture: bool = False
 
     def __post_init__(self) -> None:
         if not self.modalities:
@@ -195,6 +196,10 @@ class Destination:
     port: int
     name: str = ""
     outputs: tuple[str, ...] = DEFAULT_OUTPUTS
+    #: True: this peer receives only the results of images it sent itself (its AE title was the
+    #: calling AE title), e.g. each of several PACS gets back its own studies. Results never go
+    #: to a peer that is not configured here.
+    reply_to_caller: bool = False
 
     def __post_init__(self) -> None:
         outputs = tuple(self.outputs)
@@ -240,6 +245,12 @@ class Settings:
             return DEFAULT_OUTPUTS
         wanted = {kind for dest in self.destinations for kind in dest.outputs}
         return tuple(kind for kind in OUTPUT_KINDS if kind in wanted)
+
+    def destinations_for(self, calling_ae_title: str) -> list[Destination]:
+        """Where the results of an image sent by ``calling_ae_title`` go: every destination,
+        except ``reply_to_caller`` ones that did not send it."""
+        return [d for d in self.destinations
+                if not d.reply_to_caller or d.ae_title == calling_ae_title.strip()]
 
     def destination(self, name: str) -> Destination:
         """The destination called ``name`` (or with that AE title)."""

@@ -27,6 +27,8 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     UID,
+    BasicTextSRStorage,
+    CTImageStorage,
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
@@ -36,6 +38,7 @@ from pydicom.uid import (
     JPEGLossless,
     JPEGLosslessSV1,
     PYDICOM_IMPLEMENTATION_UID,
+    SecondaryCaptureImageStorage,
     generate_uid,
 )
 
@@ -46,7 +49,10 @@ __all__ = [
     "dcmtk_compress",
     "make_cr",
     "make_dx",
+    "make_ct_slice",
     "make_multiframe",
+    "make_secondary_capture_film",
+    "make_text_report",
     "montgomery_case",
     "nema_chest_cr_path",
     "part10_bytes",
@@ -402,3 +408,82 @@ def dcmtk_compress(ds: Dataset, transfer_syntax: str, workdir: Path) -> Dataset:
     if compressed.file_meta.TransferSyntaxUID != transfer_syntax:
         raise RuntimeError(f"dcmcjpeg wrote {compressed.file_meta.TransferSyntaxUID}")
     return compressed
+
+
+def make_secondary_capture_film(png_path_or_array: str | Path | np.ndarray, *,
+                                size: tuple[int, int] | None = (1024, 1024),
+                                study_instance_uid: str | None = None) -> Dataset:
+    """A chest film as the NHS COVID-19 Chest Imaging Database keeps NIH ChestX-ray14:
+    Secondary Capture, Modality DX, 8-bit, Conversion Type WSD, and no Body Part, View
+    Position, Patient Orientation or pixel spacing."""
+    ds = make_dx(png_path_or_array, size=size, bits_stored=8, pixel_spacing=None,
+                 spacing_attribute="PixelSpacing", study_instance_uid=study_instance_uid)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    for keyword in ("BodyPartExamined", "ViewPosition", "PatientOrientation", "ImagerPixelSpacing",
+                    "PixelSpacing", "DetectorType", "PositionerType", "PresentationIntentType",
+                    "ImageLaterality", "ImageType", "Manufacturer"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.ConversionType = "WSD"
+    return ds
+
+
+def _non_image_base(sop_class_uid: str, modality: str, study_instance_uid: str | None) -> Dataset:
+    now = _dt.datetime.now()
+    uid = generate_uid()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID, ds.SOPInstanceUID = UID(sop_class_uid), uid
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "CXRNODE^TEST", "TEST-0001", "", ""
+    ds.StudyInstanceUID = UID(study_instance_uid or generate_uid())
+    ds.StudyDate, ds.StudyTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = "", "1", ""
+    ds.Modality = modality
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber, ds.InstanceNumber = 2, 1
+    ds.Manufacturer = "cxrnode test factory"
+    ds.ContentDate, ds.ContentTime = ds.StudyDate, ds.StudyTime
+    return ds
+
+
+def make_ct_slice(study_instance_uid: str | None = None, size: int = 64) -> Dataset:
+    """One axial CT slice (a water disc in air): what a mistaken routing rule sends by the hundred."""
+    ds = _non_image_base(CTImageStorage, "CT", study_instance_uid)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.PositionReferenceIndicator = ""
+    ds.ImagePositionPatient = [0, 0, 0]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing, ds.SliceThickness = [0.7, 0.7], 1.0
+    ds.KVP, ds.AcquisitionNumber = 120, 1
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows = ds.Columns = size
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2
+    ds.PixelData = np.where(disc, 1024, 0).astype(np.int16).tobytes()
+    return ds
+
+
+def make_text_report(study_instance_uid: str | None = None,
+                     text: str = "Chest: no acute abnormality.") -> Dataset:
+    """A Basic Text SR: the old report a "route the whole study" rule sends along."""
+    ds = _non_image_base(BasicTextSRStorage, "SR", study_instance_uid)
+    ds.ValueType, ds.ContinuityOfContent = "CONTAINER", "SEPARATE"
+    ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
+    ds.ConceptNameCodeSequence = Sequence([_code("18748-4", "LN", "Diagnostic imaging report")])
+    finding = Dataset()
+    finding.RelationshipType, finding.ValueType = "CONTAINS", "TEXT"
+    finding.ConceptNameCodeSequence = Sequence([_code("121071", "DCM", "Finding")])
+    finding.TextValue = text
+    ds.ContentSequence = Sequence([finding])
+    ds.ReferencedPerformedProcedureStepSequence = Sequence()
+    ds.PerformedProcedureCodeSequence = Sequence()
+    ds.InstanceNumber = 1
+    return ds

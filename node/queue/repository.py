@@ -237,9 +237,10 @@ def mark_encoded(db: Database, job_id: int, owner: str, tb_score: float, results
         _move(session, job, JobStatus.ENCODED, "encode", "ok",
               f"{', '.join(k.upper() for k in kinds)} written; TB score {tb_score:.3f}")
         if not destinations:
-            _move(session, job, JobStatus.SENDING, "send", "skipped", "no destinations configured")
+            why = "no destination receives results of images from this caller"
+            _move(session, job, JobStatus.SENDING, "send", "skipped", why)
             job.finished_at = utcnow()
-            _move(session, job, JobStatus.DONE, "send", "skipped", "no destinations configured")
+            _move(session, job, JobStatus.DONE, "send", "skipped", why)
 
 
 def fail_attempt(db: Database, job_id: int, owner: str, error: str, *, max_attempts: int,

@@ -80,6 +80,6 @@ class InferenceWorker:
                 archived.append(repository.ArchivedResult(result.kind, result.sop_class_uid,
                                                           result.sop_instance_uid, str(path)))
             repository.mark_encoded(self.db, job_id, self.owner, outcome.tb_score, archived,
-                                    [d.name for d in self.settings.destinations])
+                                    [d.name for d in self.settings.destinations_for(instance.calling_ae_title)])
             log.info("job %d encoded (TB score %.3f)", job_id, outcome.tb_score)
         return True

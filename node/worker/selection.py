@@ -41,6 +41,23 @@ def _size(ds: Dataset, keyword: str) -> int:
         raise _Unreadable(f"{keyword} is not an integer") from None
 
 
+def _derived(ds: Dataset) -> str:
+    """Why the header says the image was made from another image, or ''.
+
+    Only for Secondary Capture: CR and DX For Presentation are routinely DERIVED (processed by the
+    modality; the NEMA chest CR says DERIVED\\PRIMARY) and are still the radiograph.
+    """
+    image_type = _value(ds, "ImageType")
+    values = [image_type] if isinstance(image_type, str) else list(image_type or [])
+    if values and str(values[0]).strip().upper() == "DERIVED":
+        return "Image Type DERIVED"
+    for keyword, name in (("SourceImageSequence", "Source Image Sequence"),
+                          ("DerivationCodeSequence", "Derivation Code Sequence")):
+        if _value(ds, keyword):
+            return f"{name} present"
+    return ""
+
+
 def rejection_reason(ds: Dataset, rules: AcceptanceSettings) -> str | None:
     """None if ``ds`` is to be analysed, else a sentence saying why not.
 
@@ -66,6 +83,8 @@ def _reason(ds: Dataset, rules: AcceptanceSettings) -> str | None:
         # A Secondary Capture is a chest film only when its header says so, and not a picture of one.
         if _text(ds, "BurnedInAnnotation") == "YES" and not rules.allow_burned_in_annotation:
             return "Secondary Capture with Burned In Annotation YES (a picture, not a radiograph)"
+        if not rules.allow_derived_secondary_capture and (derived := _derived(ds)):
+            return f"Secondary Capture derived from another image ({derived}): a processed copy, not a film"
         frames = _value(ds, "NumberOfFrames")
         if frames not in (None, "", 1, "1"):
             return f"multi-frame Secondary Capture ({frames} frames)"

@@ -15,11 +15,10 @@ import highdicom as hd
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom import Dataset, dcmread
-from pydicom.uid import SecondaryCaptureImageStorage
+from pydicom import dcmread
 
 from node.dicom import SECONDARY_CAPTURE
-from tests.dicom_factory import make_dx, nema_chest_cr_path
+from tests.dicom_factory import make_dx, make_secondary_capture_film, nema_chest_cr_path
 from tests.servers import NodeProcess, Orthanc, dcmtk, free_port, wait_until
 from tests.validation import dciodvfy_errors
 
@@ -210,25 +209,10 @@ def test_each_destination_gets_only_its_outputs(pacs_and_node, tmp_path: Path) -
     assert greenish[:, half:].sum() > 20 * max(1, greenish[:, :half].sum())  # patient's left on the image's right
 
 
-def nih_like_secondary_capture(path: Path) -> Dataset:
-    """A chest film as the NCCID keeps NIH ChestX-ray14: Secondary Capture, Modality DX, 8-bit,
-    no Body Part, View Position, Patient Orientation or pixel spacing."""
-    ds = make_dx(DATA / "MCUCXR_0017_0.png", size=(1024, 1024), bits_stored=8, pixel_spacing=None,
-                 spacing_attribute="PixelSpacing")
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    for keyword in ("BodyPartExamined", "ViewPosition", "PatientOrientation", "ImagerPixelSpacing",
-                    "PixelSpacing", "DetectorType", "PositionerType", "PresentationIntentType",
-                    "ImageLaterality", "ImageType", "Manufacturer"):
-        if keyword in ds:
-            delattr(ds, keyword)
-    ds.ConversionType = "WSD"
-    ds.save_as(path, enforce_file_format=True)
-    return ds
-
-
 def test_chest_film_stored_as_secondary_capture_is_analysed(pacs_and_node, tmp_path: Path) -> None:
     orthanc, node, _ = pacs_and_node
-    ds = nih_like_secondary_capture(tmp_path / "sc.dcm")
+    ds = make_secondary_capture_film(DATA / "MCUCXR_0017_0.png")
+    ds.save_as(tmp_path / "sc.dcm", enforce_file_format=True)
     instance = orthanc.upload(tmp_path / "sc.dcm")
     answer = orthanc.post("/modalities/cxrnode/store", {"Resources": [instance], "Synchronous": True})
     assert answer["FailedInstancesCount"] == 0

@@ -30,6 +30,8 @@ def test_a_chest_film_stored_as_secondary_capture_is_analysed() -> None:
     ({"BurnedInAnnotation": "YES"}, "Burned In Annotation"),
     ({"SOPClassUID": MULTIFRAME_GRAYSCALE_WORD_SC, "NumberOfFrames": 3}, "3 frames"),
     ({"ViewPosition": "LL"}, "ViewPosition LL"),
+    ({"ImageType": ["DERIVED", "SECONDARY"]}, "Image Type DERIVED"),
+    ({"SourceImageSequence": [Dataset()]}, "Source Image Sequence present"),
     ({"Manufacturer": "cxrnode", "ManufacturerModelName": "cxrnode"}, "made by cxrnode"),
     ({"SOPClassUID": DX_FOR_PRESENTATION, "Manufacturer": "cxrnode", "ManufacturerModelName": "cxrnode"},
      "made by cxrnode"),
@@ -42,3 +44,11 @@ def test_what_is_not_a_chest_film_says_why(values: dict, words: str) -> None:
 def test_burned_in_secondary_captures_can_be_allowed() -> None:
     rules = AcceptanceSettings(allow_burned_in_annotation=True)
     assert rejection_reason(header(BurnedInAnnotation="YES"), rules) is None
+
+
+def test_derived_secondary_captures_can_be_allowed_and_derived_radiographs_are_analysed() -> None:
+    derived = header(ImageType=["DERIVED", "SECONDARY"])
+    assert rejection_reason(derived, AcceptanceSettings(allow_derived_secondary_capture=True)) is None
+    assert rejection_reason(header(ImageType=["ORIGINAL", "PRIMARY"]), RULES) is None
+    # A modality's processed CR/DX is DERIVED\PRIMARY (the NEMA chest CR): still the radiograph.
+    assert rejection_reason(header(SOPClassUID=DX_FOR_PRESENTATION, ImageType=["DERIVED", "PRIMARY"]), RULES) is None
