@@ -54,6 +54,40 @@ def _positive(key: str, value: float) -> None:
         raise SettingsError(f"{key}: must be greater than 0, got {value}")
 
 
+_TEXT_CHARS = re.compile(r"^[\x20-\x5b\x5d-\x7e]*$")  # printable ASCII without backslash
+#: Longest UID root (with its final dot): every generated UID (64 characters) keeps at least
+#: 24 digits of its own hash, so results of different images never share a UID.
+UID_ROOT_MAX_LENGTH = 40
+_UID_ROOT = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+\.?$")
+
+
+def check_text(key: str, value: str, max_length: int, vr: str) -> str:
+    """``value`` without surrounding spaces if it fits DICOM ``vr`` (LO 64, SH 16 characters of
+    the default repertoire, no backslash), else raise naming ``key``."""
+    value = value.strip()
+    if len(value) > max_length:
+        raise SettingsError(f"{key}: {value!r} is longer than {max_length} characters (DICOM {vr})")
+    if not _TEXT_CHARS.match(value):
+        raise SettingsError(f"{key}: {value!r} may hold only printable ASCII characters without a backslash")
+    return value
+
+
+def check_uid_root(key: str, value: str) -> str:
+    """A UID root completed by its final dot (``"1.2.3"`` → ``"1.2.3."``), ``""`` for none; else
+    raise naming ``key``."""
+    value = value.strip()
+    if not value:
+        return ""
+    if not _UID_ROOT.match(value):
+        raise SettingsError(f"{key}: {value!r} is not a DICOM UID root: digits in components separated by "
+                            "dots, the first 0, 1 or 2, no leading zeros (e.g. \"1.2.826.0.1.3680043.10.543.\")")
+    root = value if value.endswith(".") else value + "."
+    if len(root) > UID_ROOT_MAX_LENGTH:
+        raise SettingsError(f"{key}: {root!r} is {len(root)} characters; at most {UID_ROOT_MAX_LENGTH} leave "
+                            "the generated UIDs (64 characters) enough digits of their own")
+    return root
+
+
 @dataclass(frozen=True)
 class NodeSettings:
     """The DICOM listener: identity, address, storage."""
@@ -67,8 +101,21 @@ class NodeSettings:
     network_timeout_s: float = 60.0
     min_free_disk_mb: int = 1024
     log_level: str = "INFO"
+    #: The node's identity in every SEG, SR and SC (General Equipment, the SR's Device Observer):
+    #: empty station_name / device_serial_number are this installation's own, derived once from
+    #: <data_dir>/installation.toml (node.results.device.device_for); empty institution names are
+    #: left out; an empty uid_root keeps pydicom's root (node.results.uids.UID_PREFIX).
+    institution_name: str = ""
+    institution_department_name: str = ""
+    station_name: str = ""
+    device_serial_number: str = ""
+    uid_root: str = ""
 
     def __post_init__(self) -> None:
+        for name, length, vr in (("institution_name", 64, "LO"), ("institution_department_name", 64, "LO"),
+                                 ("station_name", 16, "SH"), ("device_serial_number", 64, "LO")):
+            object.__setattr__(self, name, check_text(f"node.{name}", getattr(self, name), length, vr))
+        object.__setattr__(self, "uid_root", check_uid_root("node.uid_root", self.uid_root))
         check_ae_title("node.ae_title", self.ae_title)
         check_port("node.port", self.port, allow_zero=True)
         for title in self.allowed_calling_ae_titles:

@@ -7,7 +7,7 @@ made it), ``device`` (the node as equipment), ``measure`` (lung areas),
 """
 
 from .algorithm import Algorithm, ResultAlgorithms
-from .device import DEFAULT_DEVICE, NodeDevice
+from .device import DEFAULT_DEVICE, NodeDevice, device_for
 from .measure import lung_areas_mm2
 from .seg import LUNG_SEGMENTS, build_segmentation
 from .sr import build_report
@@ -25,6 +25,7 @@ __all__ = [
     "UnreadableResult",
     "build_report",
     "build_segmentation",
+    "device_for",
     "lung_areas_mm2",
     "reread",
     "result_uids",

@@ -61,7 +61,7 @@ def build_secondary_capture(
     picture = overlay_picture(pixels, lung_layers(patient_left, patient_right), caption,
                               patient_left_on_image_right=patient_left_on_image_right, max_side=SC_MAX_SIDE)
     uid_keys = [segmenter.uid_key, tb.uid_key, f"threshold={threshold!r}"]
-    uids = result_uids(source.SOPInstanceUID, "sc", uid_keys)
+    uids = result_uids(source.SOPInstanceUID, "sc", uid_keys, root=device.uid_root)
     with no_identifier_warnings():
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source,
@@ -85,9 +85,7 @@ def build_secondary_capture(
     sc.ConversionType = "WSD"
     sc.DerivationDescription = "Radiograph with AI lung segmentation and TB score burned in"[:1024]
     sc.ImageComments = "NOT FOR DIAGNOSIS. Research use only."
-    sc.ManufacturerModelName = device.manufacturer_model_name
-    sc.SoftwareVersions = device.software_versions
-    sc.DeviceSerialNumber = device.device_serial_number
+    device.write_equipment(sc)
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID

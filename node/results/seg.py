@@ -115,9 +115,10 @@ def build_segmentation(
     ``patient_left`` / ``patient_right`` are 2-D boolean (or 0/1) masks in
     the source's geometry, shape (Rows, Columns). The SEG carries the source's
     patient and study attributes (it files into the same study), its Patient
-    Orientation, the algorithm identification, and UIDs derived with
-    :func:`node.results.uids.result_uids` from the source SOP Instance UID and
-    the algorithm, so encoding again gives the same UIDs.
+    Orientation, the algorithm identification, ``device``'s identity (General
+    Equipment), and UIDs derived with :func:`node.results.uids.result_uids` from
+    the source SOP Instance UID and the algorithm (under ``device.uid_root``), so
+    encoding again gives the same UIDs.
 
     Type 2 patient/study attributes missing from the source are written
     empty, and an unusable Pixel Spacing is not copied
@@ -133,8 +134,8 @@ def build_segmentation(
     masks = [_as_binary(patient_left, shape, "patient_left"), _as_binary(patient_right, shape, "patient_right")]
     if np.logical_and(masks[0], masks[1]).any():
         raise ValueError("the patient's left and right lung masks overlap")
-    uids = result_uids(source.SOPInstanceUID, "seg", [algorithm.uid_key])
-    descriptions = [_segment_description(source, segment, algorithm) for segment in LUNG_SEGMENTS]
+    uids = result_uids(source.SOPInstanceUID, "seg", [algorithm.uid_key], root=device.uid_root)
+    descriptions = [_segment_description(source, segment, algorithm, device.uid_root) for segment in LUNG_SEGMENTS]
     pixel_array = np.stack(masks, axis=-1)[np.newaxis].astype(np.uint8)  # (1, Rows, Columns, 2)
     segmentation_type = segmentation_type_for(*shape, len(LUNG_SEGMENTS))
     if segmentation_type is hd.seg.SegmentationTypeValues.FRACTIONAL:
@@ -157,6 +158,7 @@ def build_segmentation(
     # highdicom leaves out Patient Orientation for projection sources, but the
     # General Image module needs it (Type 2C): copy it (empty when absent).
     seg.PatientOrientation = source.get("PatientOrientation", "")
+    device.write_equipment(seg)
     for item, segment in zip(seg.SegmentSequence, LUNG_SEGMENTS, strict=True):
         modifier = hd.sr.CodedConcept.from_code(segment.laterality)
         item.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [modifier]
@@ -222,7 +224,8 @@ def _display_orientation(source: Dataset) -> tuple[float, ...]:
     return values
 
 
-def _segment_description(source: Dataset, segment: LungSegment, algorithm: Algorithm) -> hd.seg.SegmentDescription:
+def _segment_description(source: Dataset, segment: LungSegment, algorithm: Algorithm,
+                         uid_root: str) -> hd.seg.SegmentDescription:
     return hd.seg.SegmentDescription(
         segment_number=segment.segment_number,
         segment_label=segment.segment_label,
@@ -230,7 +233,8 @@ def _segment_description(source: Dataset, segment: LungSegment, algorithm: Algor
         segmented_property_type=codes.SCT.Lung,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm.seg_identification(),
-        tracking_uid=derive_uid(source.SOPInstanceUID, "seg", "tracking", segment.side, algorithm.uid_key),
+        tracking_uid=derive_uid(source.SOPInstanceUID, "seg", "tracking", segment.side, algorithm.uid_key,
+                                root=uid_root),
         tracking_id=segment.segment_label,
         display_color=hd.color.CIELabColor(*segment.display_color),
     )

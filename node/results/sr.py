@@ -7,7 +7,9 @@ coordinates, so Enhanced SR or Comprehensive SR would validate as well;
 
 Content (``ContentSequence`` of the root ``Imaging Measurement Report``):
 
-* observer: the node as a device (TID 1004);
+* observer: the node as a device (TID 1004): Device Observer UID (this
+  installation's own), Name (the station name), Manufacturer, Model Name and
+  Serial Number from :class:`node.results.device.NodeDevice`;
 * procedure reported: SCT 399208008 plain chest X-ray;
 * image library: the source image;
 * one image-level group (TID 1501) on the source image, finding type
@@ -146,15 +148,17 @@ def build_report(
 
     # The threshold changes the content, so it is part of the identity too.
     uid_keys = [algorithms.segmenter.uid_key, algorithms.tb_classifier.uid_key, f"threshold={threshold!r}"]
-    uids = result_uids(source.SOPInstanceUID, "sr", uid_keys)
+    uids = result_uids(source.SOPInstanceUID, "sr", uid_keys, root=device.uid_root)
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]
     anchor = _label_anchor(lung_masks, shape)
-    groups = [_image_group(source, tb_score, threshold, area_omission_reason, algorithms, uid_keys, anchor)]
+    groups = [_image_group(source, tb_score, threshold, area_omission_reason, algorithms, uid_keys, anchor,
+                           device.uid_root)]
     for segment in LUNG_SEGMENTS:
         if segment.segment_number not in frames:
             raise ValueError(f"the SEG has no frame for segment {segment.segment_number} ({segment.segment_label})")
         area = None if areas_mm2 is None else float(areas_mm2[segment.side])
-        tracking_uid = derive_uid(source.SOPInstanceUID, "sr", "tracking", segment.side, *uid_keys)
+        tracking_uid = derive_uid(source.SOPInstanceUID, "sr", "tracking", segment.side, *uid_keys,
+                                  root=device.uid_root)
         outline = outlines[segment.side]
         if outline is not None:
             groups.append(_outline_group(source, segment, outline, area, algorithms, tracking_uid))
@@ -165,7 +169,7 @@ def build_report(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=device.device_uid,
-            name=device.manufacturer_model_name,
+            name=device.observer_name,
             manufacturer_name=device.manufacturer,
             model_name=device.manufacturer_model_name,
             serial_number=device.device_serial_number,
@@ -175,6 +179,7 @@ def build_report(
         sr = _encode(source, seg, groups, observer, uids.series_instance_uid, uids.sop_instance_uid,
                      series_number, device)
     _drop_segment_number_beside_frame_number(sr)
+    device.write_equipment(sr)
     return sr
 
 
@@ -215,6 +220,7 @@ def _image_group(
     algorithms: ResultAlgorithms,
     uid_keys: list[str],
     anchor: np.ndarray,
+    uid_root: str,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     tb_algorithm = algorithms.tb_classifier.sr_identification(threshold=f"{threshold:g}")
     result = codes.SCT.Abnormal if tb_score >= threshold else codes.SCT.Normal
@@ -225,7 +231,7 @@ def _image_group(
     )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derive_uid(source.SOPInstanceUID, "sr", "tracking", "image", *uid_keys),
+            uid=derive_uid(source.SOPInstanceUID, "sr", "tracking", "image", *uid_keys, root=uid_root),
             identifier=OHIF_ARROW,
         ),
         finding_type=TUBERCULOSIS,

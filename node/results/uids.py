@@ -9,7 +9,10 @@ object and never a duplicate. A new model version gives new UIDs, so results
 of different versions never overwrite each other.
 
 UIDs come from :func:`pydicom.uid.generate_uid` with ``entropy_srcs`` (a
-SHA-512 hash of the parts, turned into an integer under :data:`UID_PREFIX`).
+SHA-512 hash of the parts, turned into an integer under :data:`UID_PREFIX`, or under the
+hospital's own root when ``[node] uid_root`` is set: the encoders pass
+:attr:`node.results.device.NodeDevice.uid_root`). The root is only the prefix: the digits
+after it come from the same hash (fewer of them under a longer root, at least 24).
 """
 
 from __future__ import annotations
@@ -41,19 +44,20 @@ class ResultUIDs:
     sop_instance_uid: UID
 
 
-def derive_uid(source_sop_instance_uid: str, *parts: str) -> UID:
-    """Return a UID that depends only on the source SOP Instance UID and ``parts``.
+def derive_uid(source_sop_instance_uid: str, *parts: str, root: str = UID_PREFIX) -> UID:
+    """Return a UID under ``root`` that depends only on the source SOP Instance UID and ``parts``.
 
     Raises:
         ValueError: empty source SOP Instance UID.
     """
     if not source_sop_instance_uid:
         raise ValueError("a source SOP Instance UID is needed to derive result UIDs")
-    return generate_uid(prefix=UID_PREFIX, entropy_srcs=[_NAMESPACE, str(source_sop_instance_uid), *parts])
+    return generate_uid(prefix=root, entropy_srcs=[_NAMESPACE, str(source_sop_instance_uid), *parts])
 
 
-def result_uids(source_sop_instance_uid: str, kind: ResultKind, algorithm_keys: Sequence[str]) -> ResultUIDs:
-    """Return the Series and SOP Instance UIDs of one result of one source image.
+def result_uids(source_sop_instance_uid: str, kind: ResultKind, algorithm_keys: Sequence[str], *,
+                root: str = UID_PREFIX) -> ResultUIDs:
+    """Return the Series and SOP Instance UIDs (under ``root``) of one result of one source image.
 
     ``algorithm_keys`` identify the algorithms the result depends on (see
     :attr:`node.results.algorithm.Algorithm.uid_key`); their order matters.
@@ -68,6 +72,6 @@ def result_uids(source_sop_instance_uid: str, kind: ResultKind, algorithm_keys: 
         raise ValueError("at least one algorithm key is needed to derive result UIDs")
     keys = [str(k) for k in algorithm_keys]
     return ResultUIDs(
-        series_instance_uid=derive_uid(source_sop_instance_uid, kind, "series", *keys),
-        sop_instance_uid=derive_uid(source_sop_instance_uid, kind, "instance", *keys),
+        series_instance_uid=derive_uid(source_sop_instance_uid, kind, "series", *keys, root=root),
+        sop_instance_uid=derive_uid(source_sop_instance_uid, kind, "instance", *keys, root=root),
     )

@@ -30,6 +30,7 @@ from node.errors import EncodingError, RejectedInput
 from node.imaging import UnreadablePixels, display_pixels, patient_left_on_image_right, pixel_spacing_mm
 from node.results import verify
 from node.results.algorithm import ResultAlgorithms
+from node.results.device import NodeDevice, device_for
 from node.results.measure import lung_areas_mm2
 from node.results.sc import build_secondary_capture
 from node.results.seg import build_segmentation
@@ -138,9 +139,11 @@ def patient_sides(ds: Dataset, analysis: LungAnalysis) -> tuple[np.ndarray, np.n
 class Pipeline:
     """Holds the loaded networks; ``run`` is called once per job."""
 
-    def __init__(self, settings: Settings, analyzer: LungAnalyzer) -> None:
+    def __init__(self, settings: Settings, analyzer: LungAnalyzer, device: NodeDevice | None = None) -> None:
         self.settings = settings
         self.analyzer = analyzer
+        #: The node's identity in every result: ``[node]`` settings + this installation's defaults.
+        self.device = device if device is not None else device_for(settings)
         configured = settings.worker.tb_threshold
         self.tb_threshold = analyzer.tb_threshold if configured < 0 else configured
         self.output_kinds = settings.output_kinds
@@ -149,9 +152,12 @@ class Pipeline:
     def load(cls, settings: Settings) -> Pipeline:
         from models.inference import LungAnalyzer
 
+        device = device_for(settings)  # before the networks: a read-only data folder fails at once
+        log.info("results made by station %s, serial %s, Device UID %s", device.station_name,
+                 device.device_serial_number, device.device_uid)
         analyzer = LungAnalyzer.load(settings.worker.architecture, device=settings.worker.device)
         log.info("models loaded on %s (%s)", analyzer.device, settings.worker.architecture)
-        return cls(settings, analyzer)
+        return cls(settings, analyzer, device)
 
     def run(self, path: Path) -> Outcome:
         """Analyse the object at ``path``.
@@ -181,18 +187,19 @@ class Pipeline:
         try:
             datasets = []
             if "seg" in kinds or "sr" in kinds:
-                seg = build_segmentation(ds, left, right, algorithms.segmenter)
+                seg = build_segmentation(ds, left, right, algorithms.segmenter, device=self.device)
                 if "seg" in kinds:
                     datasets.append(("seg", seg))
                 if "sr" in kinds:
                     datasets.append(("sr", build_report(
                         ds, seg, tb_score=analysis.tb_score, threshold=self.tb_threshold,
                         lung_masks={"left": left, "right": right}, areas_mm2=areas,
-                        area_omission_reason=omission, algorithms=algorithms)))
+                        area_omission_reason=omission, algorithms=algorithms, device=self.device)))
             if "sc" in kinds:
                 datasets.append(("sc", build_secondary_capture(
                     ds, pixels, left, right, patient_left_on_image_right=patient_left_on_image_right(ds),
-                    tb_score=analysis.tb_score, threshold=self.tb_threshold, algorithms=algorithms)))
+                    tb_score=analysis.tb_score, threshold=self.tb_threshold, algorithms=algorithms,
+                    device=self.device)))
             results = tuple(EncodedObject(kind, str(obj.SOPClassUID), str(obj.SOPInstanceUID), verify.reread(obj))
                             for kind, obj in datasets)
         except (ValueError, TypeError, AttributeError, KeyError) as exc:

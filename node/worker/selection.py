@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 
 from node.dicom import ANALYSED_SOP_CLASSES, CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING
-from node.results.device import DEFAULT_DEVICE
+from node.results.device import MANUFACTURER, MODEL_NAME
 from node.settings import AcceptanceSettings
 
 _RADIOGRAPH_CLASSES = (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING)
@@ -70,12 +70,13 @@ def rejection_reason(ds: Dataset, rules: AcceptanceSettings) -> str | None:
 
 
 def _reason(ds: Dataset, rules: AcceptanceSettings) -> str | None:
+    # First, whatever its class: every SEG, SR and SC the node writes says so, whatever identity
+    # ([node] institution, station, serial) the installation has.
+    if _text(ds, "Manufacturer") == MANUFACTURER.upper() and _text(ds, "ManufacturerModelName") == MODEL_NAME.upper():
+        return "made by cxrnode (its own result routed back): never analysed"
     sop_class = _text(ds, "SOPClassUID")
     if sop_class not in ANALYSED_SOP_CLASSES:
         return f"SOP class {sop_class or '(none)'} is not a radiograph image class"
-    if _text(ds, "Manufacturer") == DEFAULT_DEVICE.manufacturer.upper() and \
-            _text(ds, "ManufacturerModelName") == DEFAULT_DEVICE.manufacturer_model_name.upper():
-        return "made by cxrnode (its own result routed back): never analysed"
     modality = _text(ds, "Modality")
     if modality not in rules.modalities:
         return f"Modality {modality or '(none)'} is not one of {', '.join(rules.modalities)}"
