@@ -23,6 +23,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from node import faults
+
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
@@ -69,6 +71,7 @@ class Archive:
     def __init__(self, data_dir: Path) -> None:
         self.root = data_dir / "archive"
         self.tmp = self.root / "tmp"
+        self.results_root = self.root / "results"
         for folder in (data_dir, self.root, self.tmp):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -96,7 +99,7 @@ class Archive:
         return candidate
 
     def results_dir(self, job_id: int) -> Path:
-        return self.root / "results" / str(int(job_id))
+        return self.results_root / str(int(job_id))
 
     def write_atomic(self, path: Path, data: bytes | memoryview) -> int:
         """Write ``data`` to ``path`` so that it is either complete or absent; returns its size."""
@@ -105,6 +108,8 @@ class Archive:
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
+                if self.results_root in path.parents:
+                    faults.fire("result-write")  # tests: a full disk (ENOSPC) while results are written
                 handle.flush()
                 os.fsync(handle.fileno())
             os.chmod(tmp_name, 0o600)

@@ -4,6 +4,22 @@ them in order.
 The first SIGTERM/SIGINT is a warm stop: the listener stops accepting, open associations and the
 current job finish, then the process exits. A second signal exits at once; leases and the
 reaper make that safe (nothing acknowledged is lost, unfinished work is picked up on restart).
+
+The node never stops silently. A fault in one job's handling is recorded on the job and the
+worker or sender goes on (see :mod:`node.loop`); a fault that leaves the node unable to work
+stops it, warmly, with a log line saying why and a non-zero exit code, so that a supervisor
+(systemd's ``Restart=on-failure``, Docker's ``--restart on-failure``) starts it again.
+Exit codes of ``cxrnode serve`` and ``cxrnode worker``:
+
+    0    stopped by SIGTERM/SIGINT (warm stop: work in flight finished)
+    70   EX_SOFTWARE: the worker or sender thread died (an exception no handler expected, e.g.
+         a native crash's stand-in; fault kind ``fatal``) or ended on its own
+    75   EX_TEMPFAIL: the worker or sender failed on every turn for ``worker.give_up_after_s``
+         (at least three times in a row): the queue database is locked or unreachable
+    130  a second signal: stopped at once (the job in flight stays leased; start-up recovery
+         takes it back)
+    1, 2 start-up failed (2: a bad configuration, one line naming the key; 1: anything else,
+         with its traceback)
 """
 
 from __future__ import annotations
@@ -13,16 +29,23 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 from node.archive import Archive
 from node.housekeeping import start_scheduler
+from node.loop import GiveUp, describe
 from node.queue.db import Database
 from node.scp import server as scp_server
 from node.sender.runner import Sender
 from node.settings import Settings
 
 log = logging.getLogger(__name__)
+
+EX_OK = 0
+EX_SOFTWARE = 70  # a worker/sender thread died
+EX_TEMPFAIL = 75  # the worker/sender could not work for worker.give_up_after_s
+EX_SECOND_SIGNAL = 130
 
 
 class Service:
@@ -39,6 +62,8 @@ class Service:
         self.server = None
         self.threads: list[threading.Thread] = []
         self.scheduler = None
+        self.exit_code, self.exit_reason = EX_OK, ""
+        self._exit_lock = threading.Lock()
 
     def start(self) -> None:
         pipeline = None
@@ -55,7 +80,7 @@ class Service:
             worker = InferenceWorker(self.settings, self.db, self.archive, pipeline, self.stop)
             sender = Sender(self.settings, self.db, self.stop)
             for name, target in (("worker", worker.run_forever), ("sender", sender.run_forever)):
-                thread = threading.Thread(target=target, name=name, daemon=True)
+                thread = threading.Thread(target=self._guarded(name, target), name=name, daemon=True)
                 thread.start()
                 self.threads.append(thread)
 
@@ -67,21 +92,50 @@ class Service:
             self.stop.set()
         else:
             log.warning("second signal: stopping at once")
-            os._exit(130)
+            os._exit(EX_SECOND_SIGNAL)
+
+    def fail(self, code: int, reason: str) -> None:
+        """Stop the node (warmly) with exit ``code``: it cannot work. The first reason wins."""
+        with self._exit_lock:
+            if self.exit_code == EX_OK:
+                self.exit_code, self.exit_reason = code, reason
+        log.critical("%s; stopping with exit code %d so that the supervisor restarts the node",
+                     reason, code)
+        self.stop.set()
+
+    def _guarded(self, name: str, target: Callable[[], None]) -> Callable[[], None]:
+        """``target`` as a thread body whose end, other than by a warm stop, stops the node."""
+        def run() -> None:
+            try:
+                target()
+            except GiveUp as exc:
+                self.fail(EX_TEMPFAIL, f"the node cannot work: {exc}")
+            except BaseException as exc:  # noqa: BLE001 - whatever killed the thread, say so
+                log.critical("%s thread died", name, exc_info=True)
+                self.fail(EX_SOFTWARE, f"{name} thread died: {describe(exc)}")
+            else:
+                if not self.stop.is_set():
+                    self.fail(EX_SOFTWARE, f"{name} thread ended on its own")
+        return run
 
     def run(self) -> int:
-        """Start, block until signalled, stop warmly. Returns the exit code."""
+        """Start, block until signalled (or until the node cannot work), stop warmly.
+
+        Returns the exit code: 0 after a signal, else the one :meth:`fail` was given (see the
+        module's docstring).
+        """
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.start()
         log.info("cxrnode ready (listen=%s, work=%s)", self.listen, self.work)
         while not self.stop.wait(0.5):
             for thread in self.threads:
-                if not thread.is_alive():
-                    log.error("%s thread died; stopping", thread.name)
-                    self.stop.set()
+                if not thread.is_alive():  # its guard normally said why first
+                    self.fail(EX_SOFTWARE, f"{thread.name} thread is gone")
         self.shutdown()
-        return 0
+        if self.exit_code != EX_OK:
+            log.critical("cxrnode exits with code %d: %s", self.exit_code, self.exit_reason)
+        return self.exit_code
 
     def _receiving(self) -> bool:
         """True while an established association is still open (a bare TCP probe does not count)."""

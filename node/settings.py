@@ -26,6 +26,7 @@ from node.errors import SettingsError
 ENV_PREFIX = "CXRNODE_"
 CONFIG_ENV = "CXRNODE_CONFIG"
 FAULTS_ENV = "CXRNODE_FAULT_PAUSE"  # test-only fault injection, see node/faults.py
+FAULT_RAISE_ENV = "CXRNODE_FAULT_RAISE"  # likewise
 
 _AE_TITLE_CHARS = re.compile(r"^[\x20-\x5b\x5d-\x7e]+$")  # default character repertoire, no backslash
 
@@ -158,6 +159,9 @@ class WorkerSettings:
     max_attempts: int = 3
     retry_delay_s: float = 30.0
     tb_threshold: float = -1.0
+    #: The worker or sender loop failing on every turn this long (e.g. the queue database
+    #: unreachable) stops the node with exit code 75 so that its supervisor restarts it.
+    give_up_after_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.architecture not in {"unet", "resunet"}:
@@ -172,6 +176,7 @@ class WorkerSettings:
             raise SettingsError("worker.retry_delay_s: may not be negative")
         if self.tb_threshold != -1.0 and not 0.0 <= self.tb_threshold <= 1.0:
             raise SettingsError("worker.tb_threshold: must be in 0..1, or -1 for the model's own")
+        _positive("worker.give_up_after_s", self.give_up_after_s)
 
 
 @dataclass(frozen=True)
@@ -381,7 +386,7 @@ def _parse_env_value(key: str, annotation: Any, raw: str) -> Any:
 
 def _env_overrides(env: typing.Mapping[str, str], raw: dict[str, Any]) -> None:
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name in (CONFIG_ENV, FAULTS_ENV):
+        if not name.startswith(ENV_PREFIX) or name in (CONFIG_ENV, FAULTS_ENV, FAULT_RAISE_ENV):
             continue
         rest = name[len(ENV_PREFIX):].lower()
         section = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)

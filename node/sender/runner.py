@@ -6,7 +6,9 @@ import logging
 import threading
 from pathlib import Path
 
-from node.errors import PermanentSendError, SendError
+from node import faults
+from node.errors import PermanentSendError, SendError, SettingsError
+from node.loop import describe, run_loop
 from node.queue import repository
 from node.queue.db import Database
 from node.queue.states import JobStatus
@@ -26,19 +28,40 @@ class Sender:
         self.owner = worker_name("send")
 
     def run_forever(self) -> None:
+        """Send until ``stop`` is set; raises :class:`node.loop.GiveUp` if the queue stays unreachable."""
         log.info("sender %s started", self.owner)
-        while not self.stop.is_set():
-            if not self.run_once():
-                self.stop.wait(self.settings.send.poll_interval_s)
+        run_loop("sender", self.run_once, self.stop, poll_s=self.settings.send.poll_interval_s,
+                 give_up_after_s=self.settings.worker.give_up_after_s)
         log.info("sender %s stopped", self.owner)
 
     def run_once(self) -> bool:
-        """Send one due job's results; False if none was due."""
+        """Send one due job's results; False if none was due.
+
+        A failed C-STORE is recorded on its delivery and retried with backoff (permanent errors
+        and a destination no longer configured fail the job at once). Anything else that goes
+        wrong in the round (the database locked while a delivery is recorded) ends it as a
+        failed attempt of the destinations it had not recorded yet, with the error. Raises only
+        when the queue cannot be reached at all (the claim failed, or recording the failure
+        failed too: the job's lease expires and the reaper returns it).
+        """
         cfg = self.settings.send
+        faults.fire("db-claim")
         job_id = repository.claim(self.db, JobStatus.ENCODED, JobStatus.SENDING, self.owner,
                                   lease_s=cfg.timeout_s * 4 * max(1, len(self.settings.destinations)))
         if job_id is None:
             return False
+        recorded: set[str] = set()
+        try:
+            self._send(job_id, recorded)
+        except repository.LeaseLost as exc:
+            log.warning("job %d: %s; the send round is not recorded", job_id, exc)
+        except Exception as exc:  # noqa: BLE001 - e.g. the database locked: recorded on the job
+            log.exception("job %d: the send round failed", job_id)
+            self._record_failed_round(job_id, recorded, f"send round failed: {describe(exc)}")
+        return True
+
+    def _send(self, job_id: int, recorded: set[str]) -> None:
+        cfg = self.settings.send
         job = repository.get_job(self.db, job_id)
         give_up = False
         attempts = 0
@@ -52,18 +75,42 @@ class Sender:
                 give_up = give_up or isinstance(exc, PermanentSendError)
             except (KeyboardInterrupt, SystemExit):
                 raise
-            except BaseException as exc:  # noqa: BLE001 - e.g. a destination removed from the config
-                error = f"{type(exc).__name__}: {exc}"
-                give_up = True
+            except BaseException as exc:  # noqa: BLE001 - a bug, an unreadable archived file, ...
+                error = describe(exc)
+                # a destination removed from the config will not come back; anything else may
+                give_up = give_up or isinstance(exc, SettingsError)
             attempts = max(attempts, repository.record_delivery(self.db, job_id, name, error))
+            recorded.add(name)
             log.log(logging.WARNING if error else logging.INFO, "job %d -> %s: %s", job_id,
                     name, error or "stored")
+        faults.fire("db-record")
         status = repository.finish_sending(self.db, job_id, self.owner,
                                            max_attempts=cfg.max_attempts,
                                            delay_s=cfg.delay_after(max(attempts, 1)),
                                            give_up=give_up)
         log.info("job %d: %s", job_id, status)
-        return True
+
+    def _record_failed_round(self, job_id: int, recorded: set[str], error: str) -> None:
+        """Count the round as a failed attempt for each destination not recorded yet, then retry or
+        fail the job as after any round; raises if the queue cannot be reached."""
+        cfg = self.settings.send
+        try:
+            repository.note(self.db, job_id, "send", "error", error)
+            attempts = 0
+            for name in repository.pending_deliveries(self.db, job_id):
+                if name not in recorded:
+                    attempts = max(attempts, repository.record_delivery(self.db, job_id, name, error))
+            status = repository.finish_sending(self.db, job_id, self.owner,
+                                               max_attempts=cfg.max_attempts,
+                                               delay_s=cfg.delay_after(max(attempts, 1)))
+        except repository.LeaseLost as exc:
+            log.warning("job %d: %s; the send round is not recorded", job_id, exc)
+            return
+        except Exception as exc:
+            log.error("job %d: could not record the failed send round (%s): %s; the reaper returns "
+                      "the job when its lease expires", job_id, error, describe(exc))
+            raise
+        log.warning("job %d: %s after a failed send round", job_id, status)
 
     @staticmethod
     def _files_for(job: Job, dest: Destination) -> list[Path]:

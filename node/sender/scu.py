@@ -52,6 +52,7 @@ def store(dest: Destination, files: list[Path], calling_ae_title: str, timeout_s
             a retryable status.
         PermanentSendError: the peer refuses the SOP class or the object.
     """
+    faults.fire("scu")
     datasets = [dcmread(f) for f in files]
     ae = _ae(calling_ae_title, timeout_s)
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):

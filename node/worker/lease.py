@@ -6,6 +6,7 @@ import logging
 import threading
 from types import TracebackType
 
+from node import faults
 from node.queue import repository
 from node.queue.db import Database
 
@@ -28,6 +29,7 @@ class LeaseKeeper:
     def _run(self) -> None:
         while not self._stop.wait(self._lease_s / 3):
             try:
+                faults.fire("lease")
                 repository.renew_lease(self._db, self._job_id, self._owner, self._lease_s)
             except repository.LeaseLost:
                 log.warning("job %d: lease lost", self._job_id)
