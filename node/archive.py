@@ -11,7 +11,8 @@ Layout under ``data_dir``::
 
 A file appears under its final name only after its bytes are on disk (write to ``tmp/``,
 fsync, rename, fsync the folder). Folders are 0700 and files 0600: readable by the service
-user only.
+user only. ``tmp/*.part`` files left by a crash, and the files of jobs past ``[retention]``, are
+deleted by :mod:`node.retention`.
 """
 
 from __future__ import annotations
@@ -113,7 +114,11 @@ class Archive:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.chmod(tmp_name, 0o600)
-            os.replace(tmp_name, path)
+            try:
+                os.replace(tmp_name, path)
+            except FileNotFoundError:  # the retention purge removed the emptied folder meanwhile
+                make_private_dirs(path.parent)
+                os.replace(tmp_name, path)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise

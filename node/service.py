@@ -71,7 +71,7 @@ class Service:
             from node.worker.pipeline import Pipeline  # loads torch: only when working
 
             pipeline = Pipeline.load(self.settings)
-        self.scheduler = start_scheduler(self.settings, self.db)
+        self.scheduler = start_scheduler(self.settings, self.db, purge_archive=self.listen)  # purge: serve only
         if self.listen:
             self.ae, self.server = scp_server.start(self.settings, self.db, self.archive)
         if pipeline is not None:

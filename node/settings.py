@@ -13,6 +13,7 @@ so a bad config stops start-up before anything listens.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -234,6 +235,36 @@ class HousekeepingSettings:
         _positive("housekeeping.reap_interval_s", self.reap_interval_s)
 
 
+@dataclass(frozen=True)
+class RetentionSettings:
+    """What the purge (``cxrnode archive purge``, and scheduled inside ``serve``) deletes, and when.
+
+    Clocks start when a job ends (done or discarded). Nothing undelivered is ever deleted
+    (queued, processing, encoded, sending, or a destination still without the results), nor a
+    job an operator pinned, nor (``keep_failed``) a failed one. Days may be fractions; 0 keeps for ever.
+    """
+
+    #: Received images and the results made from them (patient data), days after the job ended.
+    images_days: float = 30.0
+    #: Job rows with their events, results rows and deliveries, days after the job ended; only
+    #: once the job's files are gone (or were never kept).
+    history_days: float = 365.0
+    #: Association rows (``cxrnode audit``), days after the association started.
+    audit_days: float = 365.0
+    #: How often ``serve`` purges, seconds (the first run 10 minutes after start-up at most); 0 = never (cron the command).
+    purge_interval_s: float = 3600.0
+    #: Failed jobs are never deleted automatically (``cxrnode jobs retry`` needs their files);
+    #: false: they follow ``images_days`` and ``history_days`` too, unless their results were never delivered.
+    keep_failed: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("images_days", "history_days", "audit_days", "purge_interval_s"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                raise SettingsError(f"retention.{key}: must be 0 (for ever / never) or a positive number, "
+                                    f"got {value}")
+
+
 #: Result objects a destination can receive: the lung SEG, the TID 1500 SR, the RGB Secondary Capture.
 OUTPUT_KINDS = ("seg", "sr", "sc")
 DEFAULT_OUTPUTS = ("seg", "sr")
@@ -278,6 +309,7 @@ class Settings:
     send: SendSettings = field(default_factory=SendSettings)
     acceptance: AcceptanceSettings = field(default_factory=AcceptanceSettings)
     housekeeping: HousekeepingSettings = field(default_factory=HousekeepingSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     destinations: tuple[Destination, ...] = ()
     source: str = "<defaults>"
 
@@ -320,6 +352,7 @@ _SECTIONS: dict[str, type] = {
     "send": SendSettings,
     "acceptance": AcceptanceSettings,
     "housekeeping": HousekeepingSettings,
+    "retention": RetentionSettings,
 }
 
 
@@ -447,6 +480,6 @@ def _tuples_to_lists(value: Any) -> Any:
 
 
 __all__ = [
-    "AcceptanceSettings", "Destination", "HousekeepingSettings", "NodeSettings", "SendSettings",
+    "AcceptanceSettings", "Destination", "HousekeepingSettings", "NodeSettings", "RetentionSettings", "SendSettings",
     "Settings", "SettingsError", "TlsSettings", "WorkerSettings", "load_settings", "describe",
 ]

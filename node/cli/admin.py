@@ -1,19 +1,20 @@
-"""Operator commands: ``status``, ``jobs list|show|retry``, ``echo``."""
+"""Operator commands: ``status``, ``jobs list|show|retry|pin|unpin``, ``echo``."""
 
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
+import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from node.cli.render import age, emit, iso, table
+from node.cli.render import age, emit, human_bytes, iso, table
 from node.errors import NodeError
 from node.queue import repository
 from node.queue.db import Database
 from node.queue.states import JobStatus
 from node.queue.tables import Job
-from node.settings import load_settings
+from node.settings import Settings, load_settings
 
 
 def _db(args: argparse.Namespace) -> Database:
@@ -23,8 +24,44 @@ def _db(args: argparse.Namespace) -> Database:
     return Database(settings.data_path)
 
 
+#: ``cxrnode status`` measures the intake (bytes received per day) over this many days.
+INTAKE_WINDOW_DAYS = 7
+
+
+def disk_status(settings: Settings, db: Database, now: datetime | None = None) -> dict[str, Any]:
+    """The data folder's file system (total, used, free), the archive's own size, the intake
+    (bytes archived per day over the last :data:`INTAKE_WINDOW_DAYS` days, or since the first
+    instance if that is more recent, at least a day) and the days until the free space reaches
+    ``node.min_free_disk_mb`` (where C-STOREs are refused) at that intake; None when there is no
+    intake (unknown)."""
+    from node.archive import Archive
+    from node.retention import archive_size
+
+    now = now or datetime.now(UTC)
+    usage = shutil.disk_usage(settings.data_path)
+    intake = repository.intake_since(db, now - timedelta(days=INTAKE_WINDOW_DAYS))
+    window_days = float(INTAKE_WINDOW_DAYS)
+    if intake.first_received_at is not None:
+        window_days = min(window_days, max(1.0, (now - intake.first_received_at).total_seconds() / 86400))
+    per_day = intake.bytes_received / window_days
+    usable = max(0, usage.free - settings.node.min_free_disk_mb * 2**20)
+    return {
+        "data_dir": str(settings.data_path),
+        "total_bytes": usage.total, "used_bytes": usage.used, "free_bytes": usage.free,
+        "archive_bytes": archive_size(Archive(settings.data_path)),
+        "min_free_bytes": settings.node.min_free_disk_mb * 2**20,
+        "intake_window_days": round(window_days, 2),
+        "intake_instances": intake.instances,
+        "intake_bytes_per_day": round(per_day),
+        "headroom_days": round(usable / per_day, 1) if per_day > 0 else None,
+    }
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    status = repository.queue_status(_db(args))
+    settings = load_settings(args.config)
+    db = _db(args)
+    status = repository.queue_status(db)
+    disk = disk_status(settings, db)
     data = {
         "counts": status.counts,
         "oldest_waiting_at": iso(status.oldest_waiting_at),
@@ -32,11 +69,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         round((datetime.now(UTC) - status.oldest_waiting_at).total_seconds(), 1),
         "last_error": status.last_error,
         "last_error_job_id": status.last_error_job_id,
+        "disk": disk,
     }
     human = table(["state", "jobs"], list(status.counts.items()))
     human += f"\n\noldest waiting job: {age(status.oldest_waiting_at)}"
     if status.last_error:
         human += f"\nlast error (job {status.last_error_job_id}): {status.last_error}"
+    headroom = "unknown (no intake)" if disk["headroom_days"] is None else f"{disk['headroom_days']:g} days"
+    human += (f"\ndisk ({disk['data_dir']}): {human_bytes(disk['total_bytes'])} total, {human_bytes(disk['used_bytes'])} used, "
+              f"{human_bytes(disk['free_bytes'])} free; archive {human_bytes(disk['archive_bytes'])}"
+              f"\nintake: {human_bytes(disk['intake_bytes_per_day'])}/day over {disk['intake_window_days']:g} day(s) "
+              f"({disk['intake_instances']} instance(s)); headroom until C-STOREs are refused: {headroom}")
     emit(data, args.json, human)
     return 0
 
@@ -55,6 +98,8 @@ def _job_summary(job: Job) -> dict[str, Any]:
         "fail_stage": job.fail_stage,
         "last_error": job.last_error,
         "discard_reason": job.discard_reason,
+        "pinned": bool(job.pinned),
+        "files_purged_at": iso(job.purged_at),
     }
 
 
@@ -91,6 +136,9 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     head = "\n".join(f"{k}: {'-' if v is None else v}" for k, v in _job_summary(job).items())
     if job.results:
         head += "\nresults: " + ", ".join(f"{r.kind.upper()} {r.sop_instance_uid}" for r in job.results)
+    if job.purged_at is not None:
+        data["files"] = repository.purged_message(job)
+        head += f"\nfiles: {data['files']}"
     steps = table(["at", "step", "outcome", "state", "message"],
                   [(iso(e.at), e.step, e.outcome,
                     f"{e.from_status or ''}->{e.to_status}" if e.to_status else "", e.message)
@@ -103,6 +151,8 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
 def _write_preview(job: Job, target: str) -> Path:
     from node.results.preview import result_preview
 
+    if job.purged_at is not None:
+        raise NodeError(f"{repository.purged_message(job)}: no preview can be drawn")
     seg, sr = job.result("seg"), job.result("sr")
     if seg is None or sr is None:
         raise NodeError(f"job {job.id} has no SEG and SR to show (state {job.status})")
@@ -136,10 +186,29 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
             done[job_id] = str(repository.retry(db, job_id))
         except repository.JobNotFound:
             raise NodeError(f"no job {job_id}") from None
+        except repository.FilesPurged as exc:
+            raise NodeError(str(exc)) from None
         except Exception as exc:  # InvalidTransition: e.g. a job that is done
             raise NodeError(f"job {job_id}: {exc}") from None
     emit({str(k): v for k, v in done.items()}, args.json,
          "\n".join(f"job {k}: back to {v}" for k, v in done.items()) or "no failed jobs")
+    return 0
+
+
+def cmd_jobs_pin(args: argparse.Namespace) -> int:
+    pinned = args.jobs_command == "pin"
+    db = _db(args)
+    try:
+        changed = repository.set_pinned(db, args.id, pinned)
+        job = repository.get_job(db, args.id)
+    except repository.JobNotFound:
+        raise NodeError(f"no job {args.id}") from None
+    what = "pinned: the retention purge never deletes it" if pinned else "unpinned: it ages like any other job"
+    human = f"job {args.id} {what}" if changed else f"job {args.id} was already {'pinned' if pinned else 'not pinned'}"
+    if pinned and job.purged_at is not None:
+        human += f"\n({repository.purged_message(job)})"
+    emit({"id": args.id, "pinned": pinned, "changed": changed, "files_purged_at": iso(job.purged_at)},
+         args.json, human)
     return 0
 
 
@@ -157,12 +226,12 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("status", parents=[common], help="jobs per state, oldest waiting, last error")
+    p = sub.add_parser("status", parents=[common], help="jobs per state, oldest waiting, last error, disk and headroom")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("echo", parents=[common], help="C-ECHO a configured destination")
     p.add_argument("destination", help="destination name or AE title")
     p.set_defaults(func=cmd_echo)
-    jobs = sub.add_parser("jobs", help="list, inspect and retry jobs").add_subparsers(
+    jobs = sub.add_parser("jobs", help="list, inspect, retry and pin jobs").add_subparsers(
         dest="jobs_command", required=True, metavar="ACTION")
     p = jobs.add_parser("list", parents=[common], help="recent jobs")
     p.add_argument("--state", choices=[s.value for s in JobStatus])
@@ -177,3 +246,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("id", type=int, nargs="?")
     p.add_argument("--all-failed", action="store_true", help="every failed job")
     p.set_defaults(func=cmd_jobs_retry)
+    p = jobs.add_parser("pin", parents=[common], help="keep a job's files and history: never purged")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_jobs_pin)
+    p = jobs.add_parser("unpin", parents=[common], help="let the retention purge handle a pinned job again")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_jobs_pin)

@@ -44,7 +44,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from node import __version__
-    from node.cli import admin, audit, db
+    from node.cli import admin, archive, audit, db
 
     parser = argparse.ArgumentParser(prog="cxrnode", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"cxrnode {__version__}")
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin.register(sub, common)
     audit.register(sub, common)
     db.register(sub, common)
+    archive.register(sub, common)
     config = sub.add_parser("config", help="check the configuration").add_subparsers(
         dest="config_command", required=True, metavar="ACTION")
     p = config.add_parser("check", parents=[common], help="validate and print the settings")

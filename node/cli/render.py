@@ -23,6 +23,14 @@ def age(value: datetime | None, now: datetime | None = None) -> str:
     return f"{seconds}s"
 
 
+def human_bytes(n: int | float) -> str:
+    """``1.2 GB``, ``340.0 MB``, ``12 B`` (decimal units, as disks are sold)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]

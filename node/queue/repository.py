@@ -11,13 +11,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
+from node.errors import NodeError
 from node.logs import redact
 from node.queue.db import Database
 from node.queue.states import LEASED, FailStage, JobStatus, check_transition
-from node.queue.tables import Delivery, Instance, Job, JobEvent, ResultObject, utcnow
+from node.queue.tables import AssociationRecord, Delivery, Instance, Job, JobEvent, ResultObject, utcnow
 
 
 @dataclass(frozen=True)
@@ -356,6 +357,8 @@ def retry(db: Database, job_id: int) -> JobStatus:
         job = session.get(Job, job_id)
         if job is None:
             raise JobNotFound(job_id)
+        if job.purged_at is not None:
+            raise FilesPurged(f"{purged_message(job)}: nothing is left to analyse or send again")
         has_results = bool(job.results)
         target = JobStatus.ENCODED if job.status == JobStatus.FAILED and has_results \
             else JobStatus.QUEUED
@@ -374,7 +377,8 @@ def retry(db: Database, job_id: int) -> JobStatus:
 
 def failed_job_ids(db: Database) -> list[int]:
     with db.session() as session:
-        return list(session.scalars(select(Job.id).where(Job.status == JobStatus.FAILED)))
+        return list(session.scalars(select(Job.id).where(Job.status == JobStatus.FAILED,
+                                                         Job.purged_at.is_(None))))
 
 
 # ----- queries for the CLI -----
@@ -452,3 +456,230 @@ def release_orphans(db: Database, host: str, pid: int, alive: Callable[[int], bo
                   f"owner {job.lease_owner} is gone (process ended)")
             released.append(job.id)
     return released
+
+
+# ----- retention: pins and the purge's queries (node/retention.py plans and runs the purge) -----
+
+class FilesPurged(NodeError):
+    """The job's archived source and results were deleted by the retention purge."""
+
+
+def purged_message(job: Job) -> str:
+    """What to tell an operator about a job whose files the retention purge deleted."""
+    when = job.purged_at.isoformat(timespec="seconds") if job.purged_at else "?"
+    return (f"job {job.id}: its archived image and results were deleted by the retention purge on {when} "
+            "(retention.images_days); its history is kept")
+
+
+def set_pinned(db: Database, job_id: int, pinned: bool) -> bool:
+    """Pin a job (the retention purge never touches it) or unpin it; an event records it.
+
+    Returns True if that changed the job, False if it already was so.
+    """
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        changed = bool(job.pinned) != pinned
+        job.pinned = pinned
+        what = ("pinned by an operator: never purged" if pinned
+                else "unpinned by an operator: purged like any other job")
+        _event(session, job, "pin" if pinned else "unpin", "ok" if changed else "unchanged", what)
+        return changed
+
+
+def _ended_at() -> ColumnElement[datetime]:
+    """When a job ended (done, discarded, failed): the retention clocks start there."""
+    return func.coalesce(Job.finished_at, Job.updated_at)
+
+
+def _purgeable(keep_failed: bool) -> ColumnElement[bool]:
+    """Jobs the purge may touch: ended, not pinned, and every destination has their results.
+
+    queued, processing, encoded and sending are never touched, nor a job with an undelivered
+    delivery (whatever its state), nor (``keep_failed``) a failed job.
+    """
+    states = [JobStatus.DONE.value, JobStatus.DISCARDED.value]
+    if not keep_failed:
+        states.append(JobStatus.FAILED.value)
+    undelivered = exists().where(Delivery.job_id == Job.id, Delivery.delivered_at.is_(None)).correlate(Job)
+    return and_(Job.status.in_(states), Job.pinned.is_(False), ~undelivered)
+
+
+def _files_left() -> ColumnElement[bool]:
+    """The job still has archived files for the purge to delete.
+
+    * it kept some (a source or a result) and the purge has not claimed it (``purged_at`` empty);
+    * the purge claimed it but did not confirm the deletion (no ``purge ok`` event since
+      ``purged_at``): it stopped in between (a crash), so the next run deletes them again;
+    * a copy of its source arrived after the purge (a duplicate of a purged instance is kept as
+      ``<sop>.v<N>.dcm``, see :meth:`node.archive.Archive.keep_version`).
+    """
+    kept = or_(exists().where(Instance.id == Job.instance_id, Instance.path != "").correlate(Job),
+               exists().where(ResultObject.job_id == Job.id).correlate(Job))
+    confirmed = exists().where(JobEvent.job_id == Job.id, JobEvent.step == "purge", JobEvent.outcome == "ok",
+                               JobEvent.at >= Job.purged_at).correlate(Job)
+    copy_after_purge = exists().where(JobEvent.job_id == Job.id, JobEvent.step == "receive",
+                                      JobEvent.outcome == "duplicate-different",
+                                      JobEvent.at > Job.purged_at).correlate(Job)
+    return or_(and_(Job.purged_at.is_(None), kept),
+               and_(Job.purged_at.is_not(None), or_(~confirmed, copy_after_purge)))
+
+
+@dataclass(frozen=True)
+class PurgeCandidate:
+    """A job whose archived files the purge deletes: where they are, as the queue knows them."""
+
+    job_id: int
+    status: str
+    ended_at: datetime
+    source_path: str  # "" when the bytes were not kept
+    study_instance_uid: str
+    sop_instance_uid: str
+    result_paths: tuple[str, ...]
+
+
+def files_to_purge(db: Database, ended_before: datetime, *, keep_failed: bool) -> list[PurgeCandidate]:
+    """Jobs that ended before ``ended_before`` whose files may go (:func:`_purgeable`) and are
+    still there (:func:`_files_left`), oldest first. Reads only."""
+    where = (_purgeable(keep_failed), _ended_at() < ended_before, _files_left())
+    with db.session() as session:
+        paths: dict[int, list[str]] = {}
+        for job_id, path in session.execute(
+                select(ResultObject.job_id, ResultObject.path).join(Job, ResultObject.job_id == Job.id)
+                .where(*where).order_by(ResultObject.id)):
+            paths.setdefault(job_id, []).append(path)
+        rows = session.execute(
+            select(Job.id, Job.status, _ended_at(), Instance.path, Instance.study_instance_uid,
+                   Instance.sop_instance_uid).join(Job.instance).where(*where).order_by(Job.id)).all()
+        return [PurgeCandidate(job_id, status, ended, path, study, sop, tuple(paths.get(job_id, ())))
+                for job_id, status, ended, path, study, sop in rows]
+
+
+def claim_files_purge(db: Database, job_ids: Sequence[int], ended_before: datetime, *,
+                      keep_failed: bool) -> list[int]:
+    """Step 1 of deleting jobs' files: set ``purged_at`` on those of ``job_ids`` that may still go,
+    checked in the same UPDATE (so a job retried or pinned meanwhile is left alone); returns them.
+
+    From here on ``jobs show``, ``--preview`` and ``jobs retry`` treat the job as purged; its files
+    are deleted next and :func:`confirm_files_purged` records that. A purge that stops between the
+    two leaves the job claimed but unconfirmed, which :func:`_files_left` hands to the next run.
+    """
+    claimed: list[int] = []
+    for chunk in _chunks(job_ids):
+        with db.session() as session:
+            claimed += session.scalars(
+                update(Job).where(Job.id.in_(chunk), _purgeable(keep_failed), _ended_at() < ended_before,
+                                  _files_left())
+                .values(purged_at=utcnow()).returning(Job.id)
+                .execution_options(synchronize_session=False)).all()
+    return sorted(claimed)
+
+
+def confirm_files_purged(db: Database, messages: dict[int, str]) -> None:
+    """Step 2: these jobs' files are deleted; a ``purge ok`` event (with the message given for
+    each job) records it, in one transaction. Their rows stay until ``retention.history_days``."""
+    with db.session() as session:
+        for job_id, message in messages.items():
+            job = session.get(Job, job_id)
+            if job is not None:
+                _event(session, job, "purge", "ok", message)
+
+
+def history_to_purge(db: Database, ended_before: datetime, *,
+                     keep_failed: bool) -> list[tuple[int, bool]]:
+    """Jobs that ended before ``ended_before`` whose rows the purge may delete, each with whether
+    it still has archived files (its rows go only after those: the caller decides). Reads only."""
+    with db.session() as session:
+        rows = session.execute(
+            select(Job.id, _files_left()).where(_purgeable(keep_failed), _ended_at() < ended_before)
+            .order_by(Job.id))
+        return [(job_id, bool(left)) for job_id, left in rows]
+
+
+_CHUNK = 500  # ids per IN (...) list
+
+
+def _chunks(ids: Sequence[int]) -> list[list[int]]:
+    return [list(ids[i:i + _CHUNK]) for i in range(0, len(ids), _CHUNK)]
+
+
+def history_rows(db: Database, job_ids: Sequence[int]) -> dict[str, int]:
+    """How many rows of each table belong to these jobs (what deleting their history removes)."""
+    counts = {"jobs": 0, "instances": 0, "job_events": 0, "results": 0, "deliveries": 0}
+    with db.session() as session:
+        for chunk in _chunks(job_ids):
+            counts["jobs"] += session.scalar(select(func.count()).where(Job.id.in_(chunk))) or 0
+            counts["instances"] += session.scalar(
+                select(func.count(Instance.id)).join(Job, Job.instance_id == Instance.id)
+                .where(Job.id.in_(chunk))) or 0
+            for table, key in ((JobEvent, "job_events"), (ResultObject, "results"), (Delivery, "deliveries")):
+                counts[key] += session.scalar(select(func.count()).where(table.job_id.in_(chunk))) or 0
+    return counts
+
+
+def delete_history(db: Database, job_ids: Sequence[int], ended_before: datetime, *,
+                   keep_failed: bool) -> dict[str, int]:
+    """Delete these jobs with their instance, events, results rows and deliveries, one transaction
+    per chunk; each job is checked again (still purgeable, ended before ``ended_before``, no
+    files left), so a job retried or pinned meanwhile is kept. Returns the rows deleted per table."""
+    counts = {"jobs": 0, "instances": 0, "job_events": 0, "results": 0, "deliveries": 0}
+    for chunk in _chunks(job_ids):
+        with db.session() as session:
+            # A no-op UPDATE picks the jobs: it takes the write lock, so nothing changes them
+            # between this check and the deletes below.
+            rows = session.execute(
+                update(Job).where(Job.id.in_(chunk), _purgeable(keep_failed), _ended_at() < ended_before,
+                                  ~_files_left())
+                .values(updated_at=Job.updated_at).returning(Job.id, Job.instance_id)
+                .execution_options(synchronize_session=False)).all()
+            ids, instance_ids = [r[0] for r in rows], [r[1] for r in rows]
+            if not ids:
+                continue
+            for table, key in ((JobEvent, "job_events"), (ResultObject, "results"), (Delivery, "deliveries")):
+                counts[key] += session.execute(
+                    delete(table).where(table.job_id.in_(ids)).execution_options(synchronize_session=False)
+                ).rowcount
+            counts["jobs"] += session.execute(
+                delete(Job).where(Job.id.in_(ids)).execution_options(synchronize_session=False)).rowcount
+            counts["instances"] += session.execute(
+                delete(Instance).where(Instance.id.in_(instance_ids))
+                .execution_options(synchronize_session=False)).rowcount
+    return counts
+
+
+def _old_associations(before: datetime) -> ColumnElement[bool]:
+    """Associations that ended before ``before``; one never closed (the node stopped while it was
+    open) counts as ended a day after it started, so an open one is never deleted under its handler."""
+    return or_(and_(AssociationRecord.ended_at.is_not(None), AssociationRecord.ended_at < before),
+               and_(AssociationRecord.ended_at.is_(None), AssociationRecord.started_at < before - timedelta(days=1)))
+
+
+def count_old_associations(db: Database, before: datetime) -> int:
+    with db.session() as session:
+        return session.scalar(select(func.count(AssociationRecord.id)).where(_old_associations(before))) or 0
+
+
+def delete_old_associations(db: Database, before: datetime) -> int:
+    """Delete the association rows (``cxrnode audit``) that ended before ``before``; returns how many."""
+    with db.session() as session:
+        return session.execute(delete(AssociationRecord).where(_old_associations(before))
+                               .execution_options(synchronize_session=False)).rowcount
+
+
+@dataclass(frozen=True)
+class Intake:
+    """Bytes archived from received instances since a time, and the oldest instance on record."""
+
+    bytes_received: int
+    instances: int
+    first_received_at: datetime | None
+
+
+def intake_since(db: Database, since: datetime) -> Intake:
+    with db.session() as session:
+        total, count = session.execute(
+            select(func.coalesce(func.sum(Instance.size_bytes), 0), func.count(Instance.id))
+            .where(Instance.received_at >= since)).one()
+        first = session.scalar(select(func.min(Instance.received_at)))
+        return Intake(int(total), int(count), first)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import (Boolean, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint,
+                        false)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -76,6 +77,11 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     encoded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: An operator's "keep this one": the retention purge never touches a pinned job.
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    #: When the retention purge took the job's archived source and results: set before they are
+    #: deleted, a ``purge ok`` event confirms it (node/retention.py). The rows are kept.
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     instance: Mapped[Instance] = relationship(back_populates="job")
     events: Mapped[list[JobEvent]] = relationship(back_populates="job", order_by="JobEvent.id")

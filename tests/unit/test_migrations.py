@@ -71,6 +71,11 @@ def test_the_v010_queue_upgrades_with_every_job_event_and_delivery(tmp_path: Pat
         assert job.result("sc") is None
     assert [len(repo.get_job(db, i).results) for i in (1, 5, 7, 8)] == [0, 0, 0, 0]
     assert rows(path, "PRAGMA foreign_key_check") == []
+    # 0004: every job is unpinned and unpurged; new jobs get the same defaults
+    assert rows(path, "SELECT id, pinned, purged_at FROM jobs ORDER BY id") == [(i, 0, None) for i in V010_STATES]
+    assert {c[1]: (c[2], c[3], c[4]) for c in rows(path, "PRAGMA table_info(jobs)")}["pinned"] == \
+        ("BOOLEAN", 1, "0")  # NOT NULL, default false
+    assert repo.set_pinned(db, 4, True) and repo.get_job(db, 4).pinned is True
 
     # the upgraded queue keeps working: the queued job is claimed, the failed one retried as a resend
     assert repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "new:1:work", 60) == 8
