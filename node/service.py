@@ -34,6 +34,7 @@ from types import FrameType
 
 from node.archive import Archive
 from node.housekeeping import start_scheduler
+from node.http.server import HttpService
 from node.loop import GiveUp, describe
 from node.queue.db import Database
 from node.scp import server as scp_server
@@ -64,8 +65,11 @@ class Service:
         self.scheduler = None
         self.exit_code, self.exit_reason = EX_OK, ""
         self._exit_lock = threading.Lock()
+        self.http = HttpService(settings, self.db, self.archive, listen=listen, work=work,
+                                threads=lambda: self.threads, stop=self.stop)
 
     def start(self) -> None:
+        self.http.start()  # first: /healthz answers while the models load
         pipeline = None
         if self.work:
             from node.worker.pipeline import Pipeline  # loads torch: only when working
@@ -127,6 +131,7 @@ class Service:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.start()
+        self.http.mark_started()
         log.info("cxrnode ready (listen=%s, work=%s)", self.listen, self.work)
         while not self.stop.wait(0.5):
             for thread in self.threads:
@@ -154,5 +159,6 @@ class Service:
             self.ae.shutdown()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
+        self.http.stop()
         self.db.dispose()
         log.info("cxrnode stopped")

@@ -236,6 +236,57 @@ class HousekeepingSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The node's HTTP server: Prometheus ``/metrics``, ``/healthz``, ``/readyz`` (:mod:`node.http`).
+
+    ``cxrnode serve`` binds ``port``, ``cxrnode worker`` binds ``worker_port``: each process serves
+    its own figures, so both can run from one file on one host. 0 = any free port (tests).
+    """
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8480
+    worker_port: int = 8481
+
+    def __post_init__(self) -> None:
+        if not self.host.strip():
+            raise SettingsError("http.host: may not be empty")
+        check_port("http.port", self.port, allow_zero=True)
+        check_port("http.worker_port", self.worker_port, allow_zero=True)
+        if self.port and self.port == self.worker_port:
+            raise SettingsError(f"http.worker_port: {self.worker_port} is http.port too; "
+                                "cxrnode serve and cxrnode worker each need their own")
+
+
+#: Shortest ``[web] token`` accepted: long enough that guessing it over HTTP is hopeless.
+WEB_TOKEN_MIN_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """The admin pages at ``/`` of the HTTP server of the process that listens (``[http] host``
+    and ``port``; :mod:`node.http.web`). Read-only unless ``token`` is set."""
+
+    enabled: bool = True
+    #: The secret an operator types into a failed job's page to retry it (or sends in the
+    #: ``X-Cxrnode-Token`` header of the POST); empty: retrying from the pages is disabled.
+    #: Never shown by ``cxrnode config check``; ``CXRNODE_WEB_TOKEN`` keeps it out of the file.
+    token: str = field(default="", repr=False)
+    #: Show Patient ID and Patient Name (read from the archived image) on a job's page.
+    show_patient_data: bool = False
+    #: How many jobs the overview lists (newest first).
+    recent_jobs: int = 50
+
+    def __post_init__(self) -> None:
+        if self.token and (len(self.token) < WEB_TOKEN_MIN_LENGTH or self.token.strip() != self.token
+                           or not self.token.isprintable()):
+            raise SettingsError(f"web.token: use at least {WEB_TOKEN_MIN_LENGTH} printable characters without "
+                                "surrounding spaces (e.g. the output of `openssl rand -hex 24`), or \"\" for none")
+        if not 1 <= self.recent_jobs <= 1000:
+            raise SettingsError(f"web.recent_jobs: must be in 1..1000, got {self.recent_jobs}")
+
+
+@dataclass(frozen=True)
 class RetentionSettings:
     """What the purge (``cxrnode archive purge``, and scheduled inside ``serve``) deletes, and when.
 
@@ -310,6 +361,8 @@ class Settings:
     acceptance: AcceptanceSettings = field(default_factory=AcceptanceSettings)
     housekeeping: HousekeepingSettings = field(default_factory=HousekeepingSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    web: WebSettings = field(default_factory=WebSettings)
     destinations: tuple[Destination, ...] = ()
     source: str = "<defaults>"
 
@@ -353,6 +406,8 @@ _SECTIONS: dict[str, type] = {
     "acceptance": AcceptanceSettings,
     "housekeeping": HousekeepingSettings,
     "retention": RetentionSettings,
+    "http": HttpSettings,
+    "web": WebSettings,
 }
 
 
@@ -468,6 +523,8 @@ def load_settings(path: str | os.PathLike[str] | None = None,
 def describe(settings: Settings) -> dict[str, Any]:
     """A plain-dict view of the settings (for ``cxrnode config show``)."""
     out = dataclasses.asdict(settings)
+    if out["web"]["token"]:
+        out["web"]["token"] = "(set, not shown)"
     return _tuples_to_lists(out)
 
 
@@ -480,6 +537,7 @@ def _tuples_to_lists(value: Any) -> Any:
 
 
 __all__ = [
-    "AcceptanceSettings", "Destination", "HousekeepingSettings", "NodeSettings", "RetentionSettings", "SendSettings",
-    "Settings", "SettingsError", "TlsSettings", "WorkerSettings", "load_settings", "describe",
+    "AcceptanceSettings", "Destination", "HousekeepingSettings", "HttpSettings", "NodeSettings", "RetentionSettings",
+    "SendSettings",
+    "Settings", "SettingsError", "TlsSettings", "WebSettings", "WorkerSettings", "load_settings", "describe",
 ]

@@ -185,6 +185,8 @@ class NodeProcess:
             "worker": {"device": "cpu", "poll_interval_s": 0.2},
             "send": {"poll_interval_s": 0.2, "timeout_s": 10.0, "max_attempts": 3,
                      "backoff_s": [0.5, 1.0]},
+            # any free ports, never the shipped 8480/8481; a test that scrapes sets its own
+            "http": {"port": 0, "worker_port": 0},
         }
         for name, values in self.extra.items():
             sections.setdefault(name, {}).update(values)
@@ -258,3 +260,21 @@ def dcmtk(tool: str) -> str:
     if not path.exists():
         raise RuntimeError(f"{tool} not found: install the Debian package 'dcmtk'")
     return str(path)
+
+
+def c_store(port: int, datasets: list, *, calling: str = "TESTSCU", called: str = "CXRNODE",
+            ) -> list[int] | None:
+    """C-STORE ``datasets`` (pydicom) on one association to ``127.0.0.1:port``, each in its own
+    SOP class and transfer syntax; their statuses, or None if the association was rejected."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling)
+    for context in sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}):
+        ae.add_requested_context(*context)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return None
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()

@@ -15,6 +15,7 @@ from node.queue.db import Database
 from node.scp import handlers
 from node.scp.associations import AssociationAudit, AuditedAssociationServer
 from node.errors import SettingsError
+from node.http import metrics
 from node.settings import Settings, TlsSettings
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,9 @@ def start(settings: Settings, db: Database, archive: Archive) -> tuple[AE, Threa
     associations = AssociationAudit(db)
     evt_handlers = [
         (evt.EVT_C_ECHO, handlers.handle_echo),
-        (evt.EVT_C_STORE, handlers.handle_store, [ctx]),
+        (evt.EVT_C_STORE, metrics.instrument_store(handlers.handle_store), [ctx]),
         *associations.handlers(),
+        *metrics.association_handlers(),
     ]
     ssl_context = tls_context(settings.tls) if settings.tls.enabled else None
     server = ae.make_server((settings.node.host, settings.node.port), ssl_context=ssl_context,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from node import faults
 from node.errors import PermanentSendError, SendError, SettingsError
+from node.http import metrics
 from node.loop import describe, run_loop
 from node.queue import repository
 from node.queue.db import Database
@@ -67,6 +68,7 @@ class Sender:
         attempts = 0
         for name in repository.pending_deliveries(self.db, job_id):
             error: str | None = None
+            started = metrics.now()
             try:
                 dest = self.settings.destination(name)
                 scu.store(dest, self._files_for(job, dest), self.settings.node.ae_title, cfg.timeout_s)
@@ -79,6 +81,7 @@ class Sender:
                 error = describe(exc)
                 # a destination removed from the config will not come back; anything else may
                 give_up = give_up or isinstance(exc, SettingsError)
+            metrics.send_attempted(name, error, started)
             attempts = max(attempts, repository.record_delivery(self.db, job_id, name, error))
             recorded.add(name)
             log.log(logging.WARNING if error else logging.INFO, "job %d -> %s: %s", job_id,
@@ -88,6 +91,7 @@ class Sender:
                                            max_attempts=cfg.max_attempts,
                                            delay_s=cfg.delay_after(max(attempts, 1)),
                                            give_up=give_up)
+        metrics.job_sent(job, status)
         log.info("job %d: %s", job_id, status)
 
     def _record_failed_round(self, job_id: int, recorded: set[str], error: str) -> None:

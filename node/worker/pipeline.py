@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 
 from node.archive import check_uid
 from node.errors import EncodingError, RejectedInput
+from node.http import metrics
 from node.imaging import UnreadablePixels, display_pixels, patient_left_on_image_right, pixel_spacing_mm
 from node.results import verify
 from node.results.algorithm import ResultAlgorithms
@@ -157,6 +158,7 @@ class Pipeline:
                  device.device_serial_number, device.device_uid)
         analyzer = LungAnalyzer.load(settings.worker.architecture, device=settings.worker.device)
         log.info("models loaded on %s (%s)", analyzer.device, settings.worker.architecture)
+        metrics.models_loaded(settings.worker.architecture, analyzer)
         return cls(settings, analyzer, device)
 
     def run(self, path: Path) -> Outcome:
@@ -177,6 +179,7 @@ class Pipeline:
             raise RejectedInput(f"unreadable pixel data: {exc}") from None
         analysis = self.analyzer.analyze(standard_view(ds, pixels))
         inferred = time.perf_counter()
+        metrics.observe_stage("inference", inferred - started)
         left, right = patient_sides(ds, analysis)
         spacing = pixel_spacing_mm(ds)
         areas = lung_areas_mm2(left, right, spacing) if spacing is not None else None
@@ -206,6 +209,7 @@ class Pipeline:
             # The same header and masks give the same error every time: retrying cannot help.
             raise EncodingError(f"results could not be encoded: {type(exc).__name__}: {exc}") from exc
         done = time.perf_counter()
+        metrics.observe_stage("encoding", done - inferred)
         summary = (f"TB score {analysis.tb_score:.3f} (threshold {self.tb_threshold:.3f}); "
                    f"inference {inferred - started:.2f} s, encoding {done - inferred:.2f} s")
         return Outcome(results, float(analysis.tb_score), summary)

@@ -12,6 +12,7 @@ from pathlib import Path
 from node import faults
 from node.archive import Archive
 from node.errors import EncodingError, RejectedInput
+from node.http import metrics
 from node.loop import describe, run_loop
 from node.queue import repository
 from node.queue.db import Database
@@ -62,6 +63,7 @@ class InferenceWorker:
                                   cfg.lease_s)
         if job_id is None:
             return False
+        metrics.job_claimed(self.db, job_id)
         self._doing = "reading the job"
         try:
             self._process(job_id)
