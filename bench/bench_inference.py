@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import data, transforms  # noqa: E402
 from models.inference import LungAnalyzer  # noqa: E402
 
-
 START, END = "<!-- bench_inference: start -->", "<!-- bench_inference: end -->"
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import copy
 import statistics
 import tempfile
 import threading
@@ -26,21 +25,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pydicom import Dataset
-from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from tests.dicom_factory import FIXTURE_DIR, make_ct_slice, make_dx
+from tests.dicom_factory import FIXTURE_DIR, make_ct_slice, make_dx, new_instance
 from tests.servers import NodeProcess, Orthanc, free_port, wait_until
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 MARK = "routing_burst"
-
-
-def fresh(ds: Dataset) -> Dataset:
-    copy_ = copy.deepcopy(ds)
-    copy_.StudyInstanceUID, copy_.SeriesInstanceUID = generate_uid(), generate_uid()
-    copy_.SOPInstanceUID = copy_.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    return copy_
 
 
 def associate(node: NodeProcess, *datasets: Dataset):  # type: ignore[no-untyped-def]
@@ -66,7 +57,7 @@ def store(assoc, ds: Dataset) -> None:  # type: ignore[no-untyped-def]
 
 
 def alone(orthanc: Orthanc, node: NodeProcess, dx: Dataset) -> float:
-    ds = fresh(dx)
+    ds = new_instance(dx)
     started = time.perf_counter()
     assoc = associate(node, ds)
     store(assoc, ds)
@@ -78,7 +69,7 @@ def alone(orthanc: Orthanc, node: NodeProcess, dx: Dataset) -> float:
 def during(orthanc: Orthanc, node: NodeProcess, dx: Dataset, ct: Dataset, burst: int,
            head: int) -> tuple[float, float]:
     """The DX while a burst is stored; returns (DX seconds, burst objects per second)."""
-    slices = [fresh(ct) for _ in range(burst)]
+    slices = [new_instance(ct) for _ in range(burst)]
     sent, burst_s = threading.Event(), [0.0]
 
     def send_burst() -> None:
@@ -94,7 +85,7 @@ def during(orthanc: Orthanc, node: NodeProcess, dx: Dataset, ct: Dataset, burst:
     thread = threading.Thread(target=send_burst)
     thread.start()
     sent.wait(600)
-    ds = fresh(dx)
+    ds = new_instance(dx)
     started = time.perf_counter()
     assoc = associate(node, ds)
     store(assoc, ds)
@@ -106,8 +97,8 @@ def during(orthanc: Orthanc, node: NodeProcess, dx: Dataset, ct: Dataset, burst:
 
 
 def after(orthanc: Orthanc, node: NodeProcess, dx: Dataset, ct: Dataset, burst: int) -> float:
-    slices = [fresh(ct) for _ in range(burst)]
-    ds = fresh(dx)
+    slices = [new_instance(ct) for _ in range(burst)]
+    ds = new_instance(dx)
     assoc = associate(node, ct, ds)
     for s in slices:
         store(assoc, s)
@@ -167,8 +158,8 @@ def main() -> None:
 
 
 def record(table: str, summary: str, args: argparse.Namespace) -> None:
-    import platform
     import os
+    import platform
 
     section = "\n".join([
         f"<!-- {MARK}: start -->",

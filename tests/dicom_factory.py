@@ -26,10 +26,11 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     UID,
     BasicTextSRStorage,
-    CTImageStorage,
     ComputedRadiographyImageStorage,
+    CTImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -37,7 +38,6 @@ from pydicom.uid import (
     JPEGExtended12Bit,
     JPEGLossless,
     JPEGLosslessSV1,
-    PYDICOM_IMPLEMENTATION_UID,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
@@ -50,6 +50,7 @@ __all__ = [
     "make_cr",
     "make_dx",
     "make_ct_slice",
+    "new_instance",
     "make_multiframe",
     "make_secondary_capture_film",
     "make_text_report",
@@ -487,3 +488,13 @@ def make_text_report(study_instance_uid: str | None = None,
     ds.PerformedProcedureCodeSequence = Sequence()
     ds.InstanceNumber = 1
     return ds
+
+
+def new_instance(ds: Dataset, patient_id: str | None = None) -> Dataset:
+    """A copy of ``ds`` as a new instance in a study and series of its own (new UIDs)."""
+    copied = copy.deepcopy(ds)
+    copied.StudyInstanceUID, copied.SeriesInstanceUID = generate_uid(), generate_uid()
+    copied.SOPInstanceUID = copied.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    if patient_id is not None:
+        copied.PatientID = patient_id[:64]
+    return copied

@@ -7,7 +7,6 @@ restarts it on the same data folder and checks what the PACS ends up holding.
 
 from __future__ import annotations
 
-import copy
 import json
 import signal
 import threading
@@ -16,12 +15,12 @@ from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.dicom import DX_FOR_PRESENTATION
-from tests.dicom_factory import make_dx
+from tests.dicom_factory import make_dx, new_instance
 from tests.servers import NodeProcess, Orthanc, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -35,12 +34,7 @@ def base_image() -> Dataset:
 
 
 def variant(base: Dataset, n: int) -> Dataset:
-    """A copy of ``base`` as a new instance in a study of its own."""
-    ds = copy.deepcopy(base)
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.PatientID = f"CRASH-{n:03d}"
-    return ds
+    return new_instance(base, f"CRASH-{n:03d}")
 
 
 @pytest.fixture

@@ -10,16 +10,14 @@ SR land in Orthanc; a SIGTERM still stops it warmly with exit code 0.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
-from tests.dicom_factory import make_dx
+from tests.dicom_factory import make_dx, new_instance
 from tests.e2e.test_crash_safety import echo_ok, instances_in_pacs, store
 from tests.servers import NodeProcess, Orthanc, free_port, wait_until
 
@@ -33,12 +31,7 @@ def base_image() -> Dataset:
 
 
 def variant(base: Dataset, name: str) -> Dataset:
-    """A copy of ``base`` as a new instance in a study of its own."""
-    ds = copy.deepcopy(base)
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.PatientID = f"FAULT-{name}"[:64]
-    return ds
+    return new_instance(base, f"FAULT-{name}")
 
 
 @pytest.fixture(scope="module")

@@ -7,25 +7,18 @@ import json
 from pathlib import Path
 
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
 
-from node.dicom import DX_FOR_PRESENTATION
 from tests.dicom_factory import make_dx
-from tests.servers import NodeProcess, Orthanc, free_port, wait_until
+from tests.servers import NodeProcess, Orthanc, c_store, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def send(node: NodeProcess, ds) -> int:  # type: ignore[no-untyped-def]
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(DX_FOR_PRESENTATION, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
-    assert assoc.is_established
-    status = int(assoc.send_c_store(ds).Status)
-    assoc.release()
-    return status
+    statuses = c_store(node.port, [ds], called=node.ae_title)
+    assert statuses is not None, "association rejected"
+    return statuses[0]
 
 
 def job(node: NodeProcess) -> dict:

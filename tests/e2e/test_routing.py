@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
-from pynetdicom import AE
 
 from tests.dicom_factory import (
     make_ct_slice,
@@ -34,7 +33,7 @@ from tests.dicom_factory import (
     make_text_report,
     nema_chest_cr_path,
 )
-from tests.servers import REPO, NodeProcess, Orthanc, free_port, wait_until
+from tests.servers import REPO, NodeProcess, Orthanc, c_store, free_port, wait_until
 from tests.validation import dciodvfy_errors
 
 pytestmark = pytest.mark.e2e
@@ -104,16 +103,8 @@ def mixed_delivery() -> dict[str, Dataset]:
 
 def store_as_modality(pacs: Orthanc, objects: dict[str, Dataset]) -> None:
     """C-STORE ``objects`` into ``pacs`` in one association, as the X-ray room would."""
-    ae = AE(ae_title="MODALITY")
-    for ds in objects.values():
-        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", pacs.dicom_port, ae_title=pacs.aet)
-    assert assoc.is_established
-    try:
-        for name, ds in objects.items():
-            assert assoc.send_c_store(ds).Status == 0x0000, name
-    finally:
-        assoc.release()
+    statuses = c_store(pacs.dicom_port, list(objects.values()), calling="MODALITY", called=pacs.aet)
+    assert statuses == [0x0000] * len(objects), dict(zip(objects, statuses or []))
 
 
 def node_jobs(node: NodeProcess) -> dict[str, dict]:
