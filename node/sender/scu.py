@@ -9,6 +9,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.status import code_to_category
 
 from node import faults
 from node.errors import PermanentSendError, TransientSendError
@@ -16,8 +17,19 @@ from node.settings import Destination
 
 log = logging.getLogger(__name__)
 
-#: Status codes worth retrying: Out of Resources (0xA7xx) and the unspecified processing failure.
-_TRANSIENT = {0x0110, 0xA700, 0xA701, 0xA702}
+#: Failure statuses worth retrying (PS3.4 B.2.3, PS3.7 C): Out of Resources (the whole 0xA7xx
+#: range), the unspecified Processing Failure and Resource Limitation. Any other failure is permanent.
+_TRANSIENT = {0x0110, 0x0213}
+
+
+def _stored(code: int) -> bool:
+    """Success, or a warning (0xBxxx coercion / elements discarded, 0x0001, 0x0107, 0x0116): the
+    peer stored the object (PS3.7 C: warnings complete the operation)."""
+    return code_to_category(code) in ("Success", "Warning")
+
+
+def _transient(code: int) -> bool:
+    return code in _TRANSIENT or 0xA700 <= code <= 0xA7FF
 
 
 def _ae(calling_ae_title: str, timeout_s: float) -> AE:
@@ -72,10 +84,12 @@ def store(dest: Destination, files: list[Path], calling_ae_title: str, timeout_s
             if not status:
                 raise TransientSendError(f"{dest.name}: no C-STORE response (timeout or abort)")
             code = int(status.Status)
-            if code == 0x0000 or 0xB000 <= code <= 0xBFFF:
+            if _stored(code):
+                if code:
+                    log.info("%s stored %s with warning status 0x%04X", dest.name, ds.SOPInstanceUID, code)
                 continue
             message = f"{dest.name} answered C-STORE with status 0x{code:04X}"
-            raise (TransientSendError if code in _TRANSIENT else PermanentSendError)(message)
+            raise (TransientSendError if _transient(code) else PermanentSendError)(message)
     finally:
         if assoc.is_established:
             assoc.release()
