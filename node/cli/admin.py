@@ -125,7 +125,8 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
         "started_at": iso(job.started_at), "encoded_at": iso(job.encoded_at),
         "finished_at": iso(job.finished_at),
         "deliveries": [{"destination": d.destination, "attempts": d.attempts,
-                        "delivered_at": iso(d.delivered_at), "last_error": d.last_error}
+                        "delivered_at": iso(d.delivered_at), "failed_at": iso(d.failed_at),
+                        "last_error": d.last_error}
                        for d in job.deliveries],
         "steps": [{"at": iso(e.at), "step": e.step, "outcome": e.outcome,
                    "from": e.from_status, "to": e.to_status, "message": e.message}

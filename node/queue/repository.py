@@ -265,17 +265,23 @@ def fail_attempt(db: Database, job_id: int, owner: str, error: str, *, max_attem
 
 
 def pending_deliveries(db: Database, job_id: int) -> list[str]:
-    """Destinations that do not yet have this job's results."""
+    """Destinations that do not yet have this job's results and have not refused them for good."""
     with db.session() as session:
         rows = session.scalars(
             select(Delivery.destination).where(Delivery.job_id == job_id,
-                                               Delivery.delivered_at.is_(None))
+                                               Delivery.delivered_at.is_(None),
+                                               Delivery.failed_at.is_(None))
         )
         return list(rows)
 
 
-def record_delivery(db: Database, job_id: int, destination: str, error: str | None) -> int:
-    """Record one send attempt to ``destination``; returns its attempt count."""
+def record_delivery(db: Database, job_id: int, destination: str, error: str | None, *,
+                    permanent: bool = False) -> int:
+    """Record one send attempt to ``destination``; returns its attempt count.
+
+    A ``permanent`` error marks the delivery failed: that destination is not tried again (until
+    an operator's retry), while the job's other destinations still are.
+    """
     error = None if error is None else redact(error)
     with db.session() as session:
         delivery = session.scalar(
@@ -293,30 +299,34 @@ def record_delivery(db: Database, job_id: int, destination: str, error: str | No
             _event(session, job, "send", "ok", f"stored at {destination}")
         else:
             delivery.last_error = error
+            if permanent:
+                delivery.failed_at = utcnow()
             _event(session, job, "send", "error",
-                   f"{destination} attempt {delivery.attempts}: {error}")
+                   f"{destination} attempt {delivery.attempts}: {error}"
+                   + ("; permanent, not tried again" if permanent else ""))
         return delivery.attempts
 
 
 def finish_sending(db: Database, job_id: int, owner: str, *, max_attempts: int,
                    delay_s: float, give_up: bool = False) -> JobStatus:
-    """After a send round: done if every destination has the results, else retry or fail.
-
-    ``give_up`` fails the job at once (a permanent error such as a refused SOP class).
+    """After a send round: done if every destination has the results; failed once each
+    destination without them has refused them for good (``failed_at``) or used up its attempts
+    (or at once with ``give_up``); else the job waits ``delay_s`` for the next round.
     """
     with db.session() as session:
         job = _held(session, job_id, owner)
-        pending = [d for d in job.deliveries if d.delivered_at is None]
-        if not pending:
+        missing = [d for d in job.deliveries if d.delivered_at is None]
+        pending = [d for d in missing if d.failed_at is None]
+        if not missing:
             job.finished_at = utcnow()
             job.last_error = None
             _move(session, job, JobStatus.DONE, "send", "ok", "results at every destination")
-        elif give_up or max(d.attempts for d in pending) >= max_attempts:
+        elif give_up or not pending or max(d.attempts for d in pending) >= max_attempts:
             job.fail_stage = FailStage.SEND
-            job.last_error = "; ".join(f"{d.destination}: {d.last_error}" for d in pending)
+            job.last_error = "; ".join(f"{d.destination}: {d.last_error}" for d in missing)
             job.finished_at = utcnow()
             _move(session, job, JobStatus.FAILED, "send", "failed",
-                  f"gave up after {max(d.attempts for d in pending)} attempt(s): {job.last_error}")
+                  f"gave up after {max(d.attempts for d in missing)} attempt(s): {job.last_error}")
         else:
             job.last_error = "; ".join(f"{d.destination}: {d.last_error}" for d in pending)
             job.next_attempt_at = utcnow() + timedelta(seconds=delay_s)
@@ -371,6 +381,7 @@ def retry(db: Database, job_id: int) -> JobStatus:
         for delivery in job.deliveries:
             if delivery.delivered_at is None:
                 delivery.attempts = 0
+                delivery.failed_at = None
         _move(session, job, target, "retry", "ok", "retried by an operator")
         return target
 

@@ -137,6 +137,9 @@ class Delivery(Base):
     destination: Mapped[str] = mapped_column(String(64))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Set when this destination refused the results for good (a permanent error): it is not
+    #: tried again, while the job's other destinations are; ``cxrnode jobs retry`` clears it.
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
 
     job: Mapped[Job] = relationship(back_populates="deliveries")

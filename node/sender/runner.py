@@ -38,8 +38,9 @@ class Sender:
     def run_once(self) -> bool:
         """Send one due job's results; False if none was due.
 
-        A failed C-STORE is recorded on its delivery and retried with backoff (permanent errors
-        and a destination no longer configured fail the job at once). Anything else that goes
+        A failed C-STORE is recorded on its delivery and retried with backoff; a permanent error
+        (or a destination no longer configured) fails that delivery only, and the job fails once
+        no destination is left to try. Anything else that goes
         wrong in the round (the database locked while a delivery is recorded) ends it as a
         failed attempt of the destinations it had not recorded yet, with the error. Raises only
         when the queue cannot be reached at all (the claim failed, or recording the failure
@@ -64,33 +65,33 @@ class Sender:
     def _send(self, job_id: int, recorded: set[str]) -> None:
         cfg = self.settings.send
         job = repository.get_job(self.db, job_id)
-        give_up = False
         attempts = 0
         for name in repository.pending_deliveries(self.db, job_id):
             error: str | None = None
+            permanent = False
             started = metrics.now()
             try:
                 dest = self.settings.destination(name)
                 scu.store(dest, self._files_for(job, dest), self.settings.node.ae_title, cfg.timeout_s)
             except SendError as exc:
                 error = str(exc)
-                give_up = give_up or isinstance(exc, PermanentSendError)
+                permanent = isinstance(exc, PermanentSendError)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as exc:  # noqa: BLE001 - a bug, an unreadable archived file, ...
                 error = describe(exc)
                 # a destination removed from the config will not come back; anything else may
-                give_up = give_up or isinstance(exc, SettingsError)
+                permanent = isinstance(exc, SettingsError)
             metrics.send_attempted(name, error, started)
-            attempts = max(attempts, repository.record_delivery(self.db, job_id, name, error))
+            attempts = max(attempts, repository.record_delivery(self.db, job_id, name, error,
+                                                                permanent=permanent))
             recorded.add(name)
             log.log(logging.WARNING if error else logging.INFO, "job %d -> %s: %s", job_id,
                     name, error or "stored")
         faults.fire("db-record")
         status = repository.finish_sending(self.db, job_id, self.owner,
                                            max_attempts=cfg.max_attempts,
-                                           delay_s=cfg.delay_after(max(attempts, 1)),
-                                           give_up=give_up)
+                                           delay_s=cfg.delay_after(max(attempts, 1)))
         metrics.job_sent(job, status)
         log.info("job %d: %s", job_id, status)
 

@@ -76,6 +76,8 @@ def test_the_v010_queue_upgrades_with_every_job_event_and_delivery(tmp_path: Pat
     assert {c[1]: (c[2], c[3], c[4]) for c in rows(path, "PRAGMA table_info(jobs)")}["pinned"] == \
         ("BOOLEAN", 1, "0")  # NOT NULL, default false
     assert repo.set_pinned(db, 4, True) and repo.get_job(db, 4).pinned is True
+    # 0005: no delivery has failed for good
+    assert rows(path, "SELECT count(*) FROM deliveries WHERE failed_at IS NOT NULL") == [(0,)]
 
     # the upgraded queue keeps working: the queued job is claimed, the failed one retried as a resend
     assert repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "new:1:work", 60) == 8

@@ -137,3 +137,26 @@ def test_a_deterministic_failure_is_not_retried(db: Database) -> None:
     assert status == JobStatus.FAILED
     job = repo.get_job(db, job_id)
     assert job.attempts == 1 and job.fail_stage == "inference"
+
+
+def test_a_destination_that_refuses_for_good_does_not_stop_the_others(db: Database) -> None:
+    """A permanent refusal at one destination fails that delivery only: the other, down for a
+    while, is still retried; the job fails once nothing is left to try, naming the refusal."""
+    job_id = repo.enqueue(db, received()).job_id
+    repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "w1", 60)
+    repo.mark_encoded(db, job_id, "w1", 0.5, RESULTS, ["viewer", "pacs"])
+    repo.claim(db, JobStatus.ENCODED, JobStatus.SENDING, "s1", 60)
+    repo.record_delivery(db, job_id, "viewer", "viewer does not accept SEG", permanent=True)
+    repo.record_delivery(db, job_id, "pacs", "association refused")
+    assert repo.finish_sending(db, job_id, "s1", max_attempts=5, delay_s=0) == JobStatus.ENCODED
+    assert repo.pending_deliveries(db, job_id) == ["pacs"]  # the refusing viewer is not tried again
+
+    repo.claim(db, JobStatus.ENCODED, JobStatus.SENDING, "s1", 60)
+    repo.record_delivery(db, job_id, "pacs", None)
+    assert repo.finish_sending(db, job_id, "s1", max_attempts=5, delay_s=0) == JobStatus.FAILED
+    job = repo.get_job(db, job_id)
+    assert job.last_error == "viewer: viewer does not accept SEG"
+    assert {d.destination: d.delivered_at is not None for d in job.deliveries} == {"viewer": False, "pacs": True}
+
+    assert repo.retry(db, job_id) == JobStatus.ENCODED  # an operator's retry tries the viewer again
+    assert repo.pending_deliveries(db, job_id) == ["viewer"]
