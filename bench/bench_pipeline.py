@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,8 +43,10 @@ def main() -> None:
     print("| device | analyze() median ms | pipeline run() median ms | images/s (run) |")
     print("| --- | ---: | ---: | ---: |")
     for device in args.devices.split(","):
+        # a fresh model registry, so that its champion is the --arch segmenter (not var/models' champion)
         settings = load_settings(None, env={"CXRNODE_WORKER_DEVICE": device,
-                                            "CXRNODE_WORKER_ARCHITECTURE": args.arch})
+                                            "CXRNODE_WORKER_ARCHITECTURE": args.arch,
+                                            "CXRNODE_MODELS_REGISTRY": tempfile.mkdtemp(prefix="cxrnode-bench-")})
         pipeline = Pipeline.load(settings)
         assert pipeline.analyzer.device.startswith(device), pipeline.analyzer.device
         for _ in range(3):

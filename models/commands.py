@@ -3,12 +3,17 @@
 :func:`register` only builds parsers; torch and the networks are imported inside the
 handlers, so ``cxrnode`` starts fast for its other commands. Every handler turns bad
 input into ``SystemExit("cxrnode: error: ...")`` -- one readable line, no traceback.
+
+``train`` trains from scratch, or fine-tunes (``--init``, :mod:`models.training.finetune`),
+optionally mixing an exported set into the base data (``--extra``, :mod:`models.training.mix`),
+and can register the result in the model registry (``--register``, :mod:`models.catalog`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +23,10 @@ TB_ARCHS = ("smallcnn", "densenet121", "resnet18")
 _TRAIN_FLAGS = ("data", "arch", "epochs", "size", "batch_size", "lr", "seed", "device", "out", "resume", "limit")
 SEG_FLAGS = _TRAIN_FLAGS
 TB_FLAGS = _TRAIN_FLAGS + ("members", "segmenter_arch", "segmenter_dir")
+#: From-scratch defaults (``--init`` switches epochs and lr to the fine-tune defaults of
+#: :mod:`models.training.finetune`, and arch/size/members to those of the initial weights).
+SCRATCH = {"segmentation": {"size": 256, "lr": 2e-3, "arch": "unet"},
+           "tb": {"size": 224, "lr": 1e-3, "arch": "smallcnn", "epochs": 40, "members": 1}}
 
 
 def _fail(message: str) -> SystemExit:
@@ -59,38 +68,149 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
     return run
 
 
+def _registry_root(args: argparse.Namespace) -> tuple[Path, str]:
+    """(registry folder, segmenter arch to seed a new registry with): ``--registry DIR``, else the
+    node's ``[models] registry`` (``--config FILE`` / ``$CXRNODE_CONFIG``; default ``<data_dir>/models``)."""
+    if args.registry:
+        return Path(args.registry), "unet"
+    try:
+        from node.settings import SettingsError, load_settings
+    except ImportError:  # pragma: no cover - the node package is not installed
+        raise _fail("--registry DIR is needed (the node's settings are not available)") from None
+    try:
+        settings = load_settings(args.config)
+    except SettingsError as exc:
+        raise _fail(str(exc)) from None
+    return settings.models_registry_path, settings.worker.architecture
+
+
+class _Plan:
+    """What a ``train`` command resolved before training: registry, initial weights, version."""
+
+    def __init__(self, args: argparse.Namespace, kind: str) -> None:
+        from models import registry as weights
+        from models.training import finetune, mix
+
+        self.kind, self.registry, self.init = kind, None, None
+        self.user_version = args.version is not None
+        if args.extra is not None:
+            _check_data(args.extra)
+            mix.ExtraSpec(args.extra, args.extra_fraction, args.extra_min_quality)  # range checks
+        if args.register or finetune.needs_registry(args.init):
+            root, initial_arch = _registry_root(args)
+            self.registry = finetune.open_registry(root, initial_arch)
+        scratch = SCRATCH[kind]
+        if args.init is not None:
+            self.init = finetune.resolve_init(args.init, kind, arch=args.arch, registry_=self.registry)
+            finetune.check_compatible(self.init, arch=args.arch, size=args.size, members=getattr(args, "members", None))
+            args.arch, args.size = self.init.arch, self.init.size
+            if kind == "tb":
+                args.members = self.init.members
+            if args.epochs is None:
+                args.epochs = finetune.FINETUNE_EPOCHS[args.arch if kind == "segmentation" else "tb"]
+            if args.lr is None:
+                args.lr = finetune.FINETUNE_LR[kind]
+            if self.init.origin == "registry":
+                args.init = self.init.ref  # the command line names the weights, not "champion"
+        else:
+            for key, value in scratch.items():
+                if getattr(args, key, None) is None:
+                    setattr(args, key, value)
+            if args.epochs is None:
+                from models.training.segmentation import DEFAULT_EPOCHS
+
+                args.epochs = DEFAULT_EPOCHS[args.arch]
+        self.stem = weights.SEGMENTER_FILES[args.arch] if kind == "segmentation" else weights.TB_FILE
+        if args.version is not None:
+            self.version = finetune.check_version(args.version)
+            if self.registry is not None and args.register and any(
+                    e.stem == self.stem and e.identity.version == self.version for e in self.registry.entries()):
+                raise _fail(f"{self.stem}@{self.version} is already registered: choose another --version")
+        elif self.init is not None:
+            self.version = finetune.finetune_version(str(self.init.meta["version"]))
+        elif args.register:
+            self.version = self.registry.next_version(self.stem)
+        else:
+            self.version = "1.0.0"
+        if self.registry is not None and not self.user_version:
+            self.version = finetune.unique_version(self.registry, self.stem, self.version)
+
+    def names(self, base: tuple[str, ...], args: argparse.Namespace) -> tuple[str, ...]:
+        """The flags the recorded command line spells out."""
+        extra = ("init",) if args.init is not None else ()
+        if args.extra is not None:
+            extra += ("extra", "extra_fraction", "extra_min_quality")
+        return base + extra + (("version",) if self.user_version else ())
+
+    def finish(self, args: argparse.Namespace, meta: dict[str, Any], out: str, line: str) -> int:
+        """Register (``--register``) and print the outcome: one line each, or JSON (``--json``)."""
+        from models.training import finetune
+
+        entry = finetune.register_trained(self.registry, out, self.stem, meta) if args.register else None
+        if args.json:
+            t = meta["training"]
+            summary = {"weights": str(Path(out) / meta["weights_file"]), "name": meta["name"], "version": meta["version"],
+                       "sha256": meta["sha256"], "init": t.get("init"), "metrics": finetune.metrics_of(meta),
+                       "data": finetune.data_summary(meta), "seconds": t.get("seconds"),
+                       "registered": None if entry is None else {"ref": entry.ref, "slot": entry.slot,
+                                                                 "folder": str(entry.folder),
+                                                                 "registry": str(self.registry.root)}}
+            print(json.dumps(_strict(summary), indent=2, sort_keys=True))
+            return 0
+        print(line)
+        if entry is not None:
+            print(f"registered {entry.ref} in {self.registry.root} (not in service: "
+                  f"cxrnode models promote {entry.ref} --data DIR --why TEXT)")
+        return 0
+
+
+def _strict(obj: Any) -> Any:
+    """NaN -> None, for strict JSON output."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
 def _train_segmentation(args: argparse.Namespace) -> int:
     _check_data(args.data)
+    plan = _Plan(args, "segmentation")
     from models.training.segmentation import SegConfig, train
 
-    from models.training.segmentation import DEFAULT_EPOCHS
-
-    if args.epochs is None:
-        args.epochs = DEFAULT_EPOCHS[args.arch]
     cfg = SegConfig(data=args.data, arch=args.arch, epochs=args.epochs, size=args.size, batch_size=args.batch_size,
                     lr=args.lr, seed=args.seed, device=args.device, out=args.out or f"runs/segmentation-{args.arch}",
-                    resume=args.resume, limit=args.limit,
-                    command=_command_line(["train", "segmentation"], args, SEG_FLAGS))
+                    resume=args.resume, limit=args.limit, version=plan.version,
+                    init=plan.init.as_dict() if plan.init else None, extra=args.extra,
+                    extra_fraction=args.extra_fraction, extra_min_quality=args.extra_min_quality,
+                    command=_command_line(["train", "segmentation"], args, plan.names(SEG_FLAGS, args)))
     meta = train(cfg)
-    print(f"wrote {Path(cfg.out) / meta['weights_file']} (sha256 {meta['sha256'][:12]}…); "
-          f"best val Dice at network size {meta['training']['best_val_dice_network_size']:.4f}")
-    return 0
+    return plan.finish(args, meta, cfg.out,
+                       f"wrote {Path(cfg.out) / meta['weights_file']} ({meta['name']} {meta['version']}, sha256 "
+                       f"{meta['sha256'][:12]}…); best val Dice at network size "
+                       f"{meta['training']['best_val_dice_network_size']:.4f}")
 
 
 def _train_tb(args: argparse.Namespace) -> int:
     _check_data(args.data)
+    plan = _Plan(args, "tb")
     from models.training.tb import TBConfig, train
 
     cfg = TBConfig(data=args.data, arch=args.arch, members=args.members, epochs=args.epochs, size=args.size,
                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, out=args.out or "runs/tb",
                    resume=args.resume, limit=args.limit, segmenter_arch=args.segmenter_arch,
-                   segmenter_dir=args.segmenter_dir,
-                   command=_command_line(["train", "tb"], args, TB_FLAGS))
+                   segmenter_dir=args.segmenter_dir, version=plan.version,
+                   init=plan.init.as_dict() if plan.init else None, extra=args.extra,
+                   extra_fraction=args.extra_fraction, extra_min_quality=args.extra_min_quality,
+                   network=plan.init.network if plan.init else {},
+                   command=_command_line(["train", "tb"], args, plan.names(TB_FLAGS, args)))
     meta = train(cfg)
     t = meta["training"]
-    print(f"wrote {Path(cfg.out) / meta['weights_file']} (sha256 {meta['sha256'][:12]}…); val AUC {t['val_auc']}, "
-          f"threshold {meta['threshold']:.4f}")
-    return 0
+    return plan.finish(args, meta, cfg.out,
+                       f"wrote {Path(cfg.out) / meta['weights_file']} ({meta['name']} {meta['version']}, sha256 "
+                       f"{meta['sha256'][:12]}…); val AUC {t['val_auc']}, threshold {meta['threshold']:.4f}")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -104,17 +224,39 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _common_train(p: argparse.ArgumentParser, epochs: int | None, size: int, batch: int, lr: float,
-                  epochs_help: str = "") -> None:
+                  epochs_help: str = "", finetune_lr: float = 0.0) -> None:
     p.add_argument("--data", required=True, help="folder with index.csv (columns case_id, source, image_path, mask_path, tb_label[, split])")
-    p.add_argument("--epochs", type=int, default=epochs, help=epochs_help or f"epochs (default {epochs}: under an hour on a 2-core CPU)")
-    p.add_argument("--size", type=int, default=size, help=f"network input size in pixels (default {size}); stored with the weights")
+    p.add_argument("--epochs", type=int, default=None, help=epochs_help or f"epochs (default {epochs}: under an hour on a 2-core CPU)")
+    p.add_argument("--size", type=int, default=None, help=f"network input size in pixels (default {size}; with --init: "
+                                                          "that of the initial weights); stored with the weights")
     p.add_argument("--batch-size", type=int, default=batch)
-    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {lr:g}; with --init {finetune_lr:g})")
     p.add_argument("--seed", type=int, default=20240611)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", help="output folder for checkpoint, log and exported weights")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--limit", type=int, help=argparse.SUPPRESS)  # first N cases per split (smoke tests)
+    ft = p.add_argument_group("fine-tuning, data mixing and registration")
+    ft.add_argument("--init", metavar="REF|PATH|shipped|champion",
+                    help="start from existing weights (fine-tuning): the shipped weights, the model registry's champion, "
+                         "a registry reference such as lung-unet@1.0.0, or a folder (or .json) with weights and sidecar; "
+                         "keeps their architecture and input size")
+    ft.add_argument("--extra", metavar="DIR", help="an exported set (DIR/index.csv, cxrnode dataset export) mixed into "
+                                                   "training; its val rows are validated and reported on their own")
+    ft.add_argument("--extra-fraction", type=float, default=0.3, metavar="P",
+                    help="share 0..1 of each epoch's samples drawn from --extra (default 0.3; small sets are repeated)")
+    ft.add_argument("--extra-min-quality", type=float, default=0.0, metavar="Q",
+                    help="drop pseudo-label masks of --extra scoring below Q (default 0: as exported); manual masks are "
+                         "always kept")
+    ft.add_argument("--version", help="version of the trained model (default: <initial version>+ft.<UTC yyyymmddHHMM> "
+                                      "with --init; the next minor version with --register; else 1.0.0); "
+                                      "written into the sidecar and every SEG/SR")
+    ft.add_argument("--register", action="store_true",
+                    help="register the trained weights in the model registry (card, data.json, metrics.json); "
+                         "does not put them in service")
+    ft.add_argument("--registry", metavar="DIR", help="model registry folder (default: the node's [models] registry)")
+    ft.add_argument("--config", metavar="FILE", help="node settings (TOML) for the registry folder (default $CXRNODE_CONFIG)")
+    ft.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
 
 
 def register(subparsers: Any) -> None:
@@ -122,14 +264,20 @@ def register(subparsers: Any) -> None:
     train = subparsers.add_parser("train", help="train a lung segmenter or the TB scorer")
     tsub = train.add_subparsers(dest="train_what", metavar="{segmentation,tb}", required=True)
     seg = tsub.add_parser("segmentation", help="train a lung segmenter")
-    _common_train(seg, epochs=None, size=256, batch=8, lr=2e-3,
-                  epochs_help="epochs (default: unet 60, resunet 15 -- each under an hour on a 2-core CPU)")
-    seg.add_argument("--arch", choices=ARCHS, default="unet")
+    _common_train(seg, epochs=None, size=256, batch=8, lr=2e-3, finetune_lr=2e-4,
+                  epochs_help="epochs (default: unet 60, resunet 15 -- each under an hour on a 2-core CPU; "
+                              "with --init: unet 10, resunet 4)")
+    seg.add_argument("--arch", choices=ARCHS, default=None,
+                     help="unet (default) or resunet; with --init: that of the initial weights "
+                          "(with --init shipped: which shipped segmenter to start from)")
     seg.set_defaults(func=_guard(_train_segmentation))
     tb = tsub.add_parser("tb", help="train the TB scorer")
-    _common_train(tb, epochs=40, size=224, batch=16, lr=1e-3)
-    tb.add_argument("--arch", choices=TB_ARCHS, default="smallcnn")
-    tb.add_argument("--members", type=int, default=1, help="ensemble size (seeds)")
+    _common_train(tb, epochs=40, size=224, batch=16, lr=1e-3, finetune_lr=1e-4,
+                  epochs_help="epochs per member (default 40; with --init 8)")
+    tb.add_argument("--arch", choices=TB_ARCHS, default=None,
+                    help="smallcnn (default), densenet121 or resnet18; with --init: that of the initial weights")
+    tb.add_argument("--members", type=int, default=None,
+                    help="ensemble size (seeds; default 1; with --init: that of the initial weights)")
     tb.add_argument("--segmenter-arch", choices=ARCHS, default="unet", help="segmenter that finds the lungs")
     tb.add_argument("--segmenter-dir", help="folder holding that segmenter's weights (default: shipped)")
     tb.set_defaults(func=_guard(_train_tb))

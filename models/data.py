@@ -1,9 +1,16 @@
 """Read any folder in the ``index.csv`` layout of the project's chest X-ray data.
 
 Columns: ``case_id, source, image_path, mask_path, tb_label, split``. ``mask_path`` may be
-empty (TB label only). ``split`` is optional; without it every case belongs to every
-split request. Paths are relative to the folder. The data is never copied: images are
+empty (TB label only) and so may ``tb_label`` (mask only): segmentation uses the rows with a
+mask, the TB scorer the rows with a label. ``split`` is optional; without it every case belongs
+to every split request. Paths are relative to the folder. The data is never copied: images are
 read where they lie.
+
+An export of archived studies (``cxrnode dataset export``) adds ``label_source`` (``manual``: a
+radiologist's mask, ``pseudo``: the node's own mask; blank without a mask), ``label_quality``
+(the pseudo-label's quality score, 0..1) and ``tb_label_source`` (``csv``, ``report`` or blank);
+they are read when present (:attr:`Case.label_source` ...) and otherwise left at None. Other
+extra columns are ignored.
 """
 
 from __future__ import annotations
@@ -32,6 +39,12 @@ class Case:
     mask_path: Path | None
     tb_label: int | None
     split: str | None
+    #: ``manual`` or ``pseudo`` (export columns; None when the index has no such column or it is blank)
+    label_source: str | None = None
+    #: quality score 0..1 of a pseudo-label mask (None when blank or absent)
+    label_quality: float | None = None
+    #: where the TB label came from: ``csv`` or ``report`` (None when blank or absent)
+    tb_label_source: str | None = None
 
 
 def read_index(data_dir: str | Path, split: str | None = None) -> list[Case]:
@@ -65,6 +78,13 @@ def read_index(data_dir: str | Path, split: str | None = None) -> list[Case]:
         mask = root / row["mask_path"] if row["mask_path"] else None
         if mask is not None and not mask.is_file():
             raise DataError(f"{index}, line {n}: mask not found: {mask}")
+        quality_text = row.get("label_quality", "")
+        try:
+            quality = float(quality_text) if quality_text else None
+        except ValueError:
+            quality = None
+        if quality_text and (quality is None or not 0.0 <= quality <= 1.0):
+            raise DataError(f"{index}, line {n}: label_quality must be a number in 0..1 or empty, got {quality_text!r}")
         cases.append(
             Case(
                 case_id=row["case_id"],
@@ -73,6 +93,9 @@ def read_index(data_dir: str | Path, split: str | None = None) -> list[Case]:
                 mask_path=mask,
                 tb_label=int(label_text) if label_text else None,
                 split=(row.get("split") or None) if has_split else None,
+                label_source=row.get("label_source") or None,
+                label_quality=quality,
+                tb_label_source=row.get("tb_label_source") or None,
             )
         )
     if split is not None and has_split:

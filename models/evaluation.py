@@ -65,6 +65,23 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def analyse_case(analyzer: LungAnalyzer, case: data.Case) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None, Any]:
+    """One case through the node's inference path: (row, image, reference mask or None, analysis).
+
+    The row holds case_id, source, label, score and, when the case has a mask, dice, jaccard and
+    hd95 at the mask's size. :func:`evaluate` and the promotion gate (:mod:`models.gate`) both use it.
+    """
+    image = data.load_image(case.image_path)
+    truth = data.load_mask(case.mask_path) if case.mask_path is not None else None
+    result = analyzer.analyze(image, out_shape=truth.shape if truth is not None else None)
+    row: dict[str, Any] = {"case_id": case.case_id, "source": case.source, "label": case.tb_label,
+                           "score": result.tb_score}
+    if truth is not None:
+        row.update(dice=metrics.dice(result.lung_mask, truth), jaccard=metrics.jaccard(result.lung_mask, truth),
+                   hd95=metrics.hd95(result.lung_mask, truth))
+    return row, image, truth, result
+
+
 def evaluate(
     data_dir: str | Path,
     split: str | None = None,
@@ -94,16 +111,9 @@ def evaluate(
         overlays_dir = Path(overlays_dir)
         overlays_dir.mkdir(parents=True, exist_ok=True)
     for case in tqdm(cases, desc=f"evaluate {arch}", disable=not progress, leave=False):
-        image = data.load_image(case.image_path)
-        truth = data.load_mask(case.mask_path) if case.mask_path is not None else None
-        result = analyzer.analyze(image, out_shape=truth.shape if truth is not None else None)
-        row: dict[str, Any] = {"case_id": case.case_id, "source": case.source, "label": case.tb_label,
-                               "score": result.tb_score}
-        if truth is not None:
-            row.update(dice=metrics.dice(result.lung_mask, truth), jaccard=metrics.jaccard(result.lung_mask, truth),
-                       hd95=metrics.hd95(result.lung_mask, truth))
-            if overlays_dir is not None:
-                pictures.append(_write_case_picture(overlays_dir, case, image, result, truth, row))
+        row, image, truth, result = analyse_case(analyzer, case)
+        if truth is not None and overlays_dir is not None:
+            pictures.append(_write_case_picture(overlays_dir, case, image, result, truth, row))
         rows.append(row)
     out = _summary(rows, analyzer.tb_threshold, n_boot)
     by_source: dict[str, list[dict[str, Any]]] = defaultdict(list)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from models import registry, transforms
 from models.identity import ModelIdentity
+
+if TYPE_CHECKING:
+    from models.catalog import Entry
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class LungAnalyzer:
         self.tb_size: int = int(tb_model.meta["input_size"])
         #: the shipped operating threshold (score >= threshold = "TB suspected")
         self.tb_threshold: float = float(tb_model.meta["threshold"])
+        #: (segmenter ref, TB ref) in the model registry when loaded by :meth:`from_entries`, else None
+        self.refs: tuple[str, str] | None = None
 
     @classmethod
     def load(
@@ -66,10 +72,27 @@ class LungAnalyzer:
         tb = registry.load(registry.TB_FILE, dev, wd)
         return cls(seg, tb)
 
+    @classmethod
+    def from_entries(cls, segmenter: Entry, tb: Entry, device: str = "auto") -> LungAnalyzer:
+        """Load two registry entries (:class:`models.catalog.Entry`), checksummed exactly as the
+        shipped weights are (:func:`models.registry.load` on the entry's folder), once per process."""
+        if segmenter.slot != "segmenter" or tb.slot != "tb":
+            raise ValueError(f"need a segmenter and a TB scorer, got {segmenter.ref} ({segmenter.slot}) "
+                             f"and {tb.ref} ({tb.slot})")
+        dev = resolve_device(device)
+        analyzer = cls(registry.load(segmenter.stem, dev, segmenter.folder), registry.load(tb.stem, dev, tb.folder))
+        analyzer.refs = (segmenter.ref, tb.ref)
+        return analyzer
+
     @property
     def segmenter_identity(self) -> ModelIdentity:
         """Identity of the segmentation weights."""
         return self._seg.identity
+
+    @property
+    def segmenter_arch(self) -> str:
+        """Architecture of the segmenter (``unet``, ``resunet``), from its sidecar."""
+        return str(self._seg.meta.get("arch", ""))
 
     @property
     def tb_identity(self) -> ModelIdentity:

@@ -181,6 +181,46 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class ModelsSettings:
+    """The model registry (:mod:`models.catalog`) and the promotion gate (``cxrnode models ...``).
+
+    The node serves the registry's champions (``cxrnode models promote``/``rollback`` change them
+    while it runs: it switches between two jobs). ``[worker] architecture`` only chooses the
+    segmenter put in service when the registry is created (seeded from the shipped weights).
+    """
+
+    #: The registry folder; "" = ``<node.data_dir>/models``. Relative paths are relative to the
+    #: working directory, as ``node.data_dir``.
+    registry: str = ""
+    #: ``cxrnode models promote`` refuses a challenger whose point estimate (on ``--data``) is
+    #: worse than the champion's by more than these (differences challenger - champion).
+    max_dice_drop: float = 0.005
+    max_auc_drop: float = 0.02
+    max_sensitivity_drop: float = 0.02
+    max_specificity_drop: float = 0.05
+    #: Paired bootstrap resamples for the 95 % intervals of ``cxrnode models compare``.
+    bootstrap_samples: int = 2000
+
+    def __post_init__(self) -> None:
+        for key in ("max_dice_drop", "max_auc_drop", "max_sensitivity_drop", "max_specificity_drop"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise SettingsError(f"models.{key}: must be in 0..1, got {value}")
+        if not 100 <= self.bootstrap_samples <= 100_000:
+            raise SettingsError(f"models.bootstrap_samples: must be in 100..100000, got {self.bootstrap_samples}")
+
+    def registry_path(self, data_dir: str | os.PathLike[str]) -> Path:
+        """The registry folder for a node whose data folder is ``data_dir``."""
+        return Path(self.registry) if self.registry.strip() else Path(data_dir) / "models"
+
+    @property
+    def margins(self) -> dict[str, float]:
+        """The gate's margins by metric name (:data:`models.gate.METRICS`)."""
+        return {"lung_dice": self.max_dice_drop, "tb_auc": self.max_auc_drop,
+                "sensitivity": self.max_sensitivity_drop, "specificity": self.max_specificity_drop}
+
+
+@dataclass(frozen=True)
 class SendSettings:
     """C-STORE SCU of results: attempts and backoff."""
 
@@ -316,6 +356,50 @@ class RetentionSettings:
                                     f"got {value}")
 
 
+#: Names of the splits ``cxrnode dataset export`` assigns, in the order of ``[dataset] split_fractions``.
+DATASET_SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    """``cxrnode dataset export``: a de-identified training set from the archive (:mod:`node.dataset`)."""
+
+    #: The node's own masks (pseudo-labels) whose quality score (0..1, :func:`node.dataset.labels.pseudo_quality`)
+    #: is below this are left out of the export; ``--min-quality`` overrides it.
+    min_pseudo_quality: float = 0.5
+    #: DICOMweb base URL of the PACS (e.g. ``http://pacs:8042/dicom-web``) where radiologist-corrected SEGs
+    #: and verified reports are looked up; "" = only the node's own masks (``--pacs-url`` overrides it).
+    dicomweb_url: str = ""
+    #: Seconds one DICOMweb request may take.
+    dicomweb_timeout_s: float = 30.0
+    #: Shares of patients in the train, val and test splits (they add up to 1).
+    split_fractions: tuple[float, ...] = (0.8, 0.1, 0.1)
+    #: Keep ``<data_dir>/exports/<export-id>.reid.csv`` (0600): case_id to the archived SOP Instance UID.
+    keep_reid_map: bool = True
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.min_pseudo_quality) and 0.0 <= self.min_pseudo_quality <= 1.0):
+            raise SettingsError(f"dataset.min_pseudo_quality: must be in 0..1, got {self.min_pseudo_quality}")
+        url = self.dicomweb_url.strip()
+        if url and not re.match(r"^https?://[^\s/]+", url):
+            raise SettingsError(f"dataset.dicomweb_url: {url!r} is not an http:// or https:// URL")
+        object.__setattr__(self, "dicomweb_url", url.rstrip("/"))
+        _positive("dataset.dicomweb_timeout_s", self.dicomweb_timeout_s)
+        check_split_fractions("dataset.split_fractions", self.split_fractions)
+
+
+def check_split_fractions(key: str, fractions: tuple[float, ...]) -> tuple[float, ...]:
+    """``fractions`` if it is one share per :data:`DATASET_SPLITS`, each 0..1, adding up to 1; else raise."""
+    if len(fractions) != len(DATASET_SPLITS):
+        raise SettingsError(f"{key}: give {len(DATASET_SPLITS)} shares ({', '.join(DATASET_SPLITS)}), "
+                            f"got {list(fractions)}")
+    if any(not (math.isfinite(f) and 0.0 <= f <= 1.0) for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise SettingsError(f"{key}: shares must be in 0..1 and add up to 1, got {list(fractions)}")
+    if fractions[0] <= 0:
+        raise SettingsError(f"{key}: the train share must be greater than 0")
+    return fractions
+
+
 #: Result objects a destination can receive: the lung SEG, the TID 1500 SR, the RGB Secondary Capture.
 OUTPUT_KINDS = ("seg", "sr", "sc")
 DEFAULT_OUTPUTS = ("seg", "sr")
@@ -357,12 +441,14 @@ class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    models: ModelsSettings = field(default_factory=ModelsSettings)
     send: SendSettings = field(default_factory=SendSettings)
     acceptance: AcceptanceSettings = field(default_factory=AcceptanceSettings)
     housekeeping: HousekeepingSettings = field(default_factory=HousekeepingSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    dataset: DatasetSettings = field(default_factory=DatasetSettings)
     destinations: tuple[Destination, ...] = ()
     source: str = "<defaults>"
 
@@ -374,6 +460,11 @@ class Settings:
     @property
     def data_path(self) -> Path:
         return Path(self.node.data_dir)
+
+    @property
+    def models_registry_path(self) -> Path:
+        """The model registry folder (``[models] registry``, default ``<data_dir>/models``)."""
+        return self.models.registry_path(self.node.data_dir)
 
     @property
     def output_kinds(self) -> tuple[str, ...]:
@@ -402,12 +493,14 @@ _SECTIONS: dict[str, type] = {
     "node": NodeSettings,
     "tls": TlsSettings,
     "worker": WorkerSettings,
+    "models": ModelsSettings,
     "send": SendSettings,
     "acceptance": AcceptanceSettings,
     "housekeeping": HousekeepingSettings,
     "retention": RetentionSettings,
     "http": HttpSettings,
     "web": WebSettings,
+    "dataset": DatasetSettings,
 }
 
 
@@ -537,7 +630,7 @@ def _tuples_to_lists(value: Any) -> Any:
 
 
 __all__ = [
-    "AcceptanceSettings", "Destination", "HousekeepingSettings", "HttpSettings", "NodeSettings", "RetentionSettings",
+    "AcceptanceSettings", "DatasetSettings", "Destination", "HousekeepingSettings", "HttpSettings", "ModelsSettings", "NodeSettings", "RetentionSettings",
     "SendSettings",
     "Settings", "SettingsError", "TlsSettings", "WebSettings", "WorkerSettings", "load_settings", "describe",
 ]

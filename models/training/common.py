@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,22 @@ class CaseArrays:
     masks: np.ndarray  # (N, S, S) float32 soft targets; zeros where has_mask is False
     has_mask: np.ndarray  # (N,) bool
     labels: np.ndarray  # (N,) int, -1 where unknown
+    #: per case: the mask's ``label_source`` column (``manual``/``pseudo``; None without that column)
+    label_sources: list[str | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+
+def subset(a: CaseArrays, keep: np.ndarray) -> CaseArrays:
+    """The cases of ``a`` where the boolean array ``keep`` is true."""
+    keep = np.asarray(keep, dtype=bool)
+    sources = a.label_sources or [None] * len(a.case_ids)
+    return CaseArrays(
+        [c for c, k in zip(a.case_ids, keep) if k], [s for s, k in zip(a.sources, keep) if k],
+        a.images[keep], a.masks[keep], a.has_mask[keep], a.labels[keep],
+        [s for s, k in zip(sources, keep) if k],
+    )
 
 
 def load_arrays(data_dir: str | Path, split: str | None, size: int, limit: int | None = None) -> CaseArrays:
@@ -51,6 +67,11 @@ def load_arrays(data_dir: str | Path, split: str | None, size: int, limit: int |
     cases = data.read_index(data_dir, split)
     if limit is not None:
         cases = cases[:limit]
+    return load_cases(cases, size)
+
+
+def load_cases(cases: list[data.Case], size: int) -> CaseArrays:
+    """Preprocess ``cases`` (images, masks where they have one, TB labels) at network size ``size``."""
     if not cases:
         return empty_arrays(size)
     images, masks, has = [], [], []
@@ -69,13 +90,14 @@ def load_arrays(data_dir: str | Path, split: str | None, size: int, limit: int |
         masks=np.stack(masks).astype(np.float32),
         has_mask=np.array(has, dtype=bool),
         labels=np.array([-1 if c.tb_label is None else c.tb_label for c in cases], dtype=np.int64),
+        label_sources=[c.label_source for c in cases],
     )
 
 
 def empty_arrays(size: int) -> CaseArrays:
     """A :class:`CaseArrays` with no cases."""
     z = np.zeros((0, size, size), np.float32)
-    return CaseArrays([], [], z, z.copy(), np.zeros(0, bool), np.zeros(0, np.int64))
+    return CaseArrays([], [], z, z.copy(), np.zeros(0, bool), np.zeros(0, np.int64), [])
 
 
 def has_split(data_dir: str | Path, split: str) -> bool:

@@ -8,6 +8,11 @@ validation Dice (at network size) is exported with :func:`models.registry.save`.
 
 Out folder: ``checkpoint.pt`` (resume), ``train_log.jsonl`` (one line per epoch) and the
 exported ``lung-<arch>.pt`` / ``.json`` / ``SHA256SUMS`` ready to copy into ``models/weights``.
+
+Fine-tuning (``init``, :mod:`models.training.finetune`) starts from verified existing weights and
+logs their val Dice as epoch 0. An extra set (``extra``, :mod:`models.training.mix`) is mixed into
+every epoch in the given proportion; its val rows are validated next to the base val split, and
+the best epoch is chosen on the val cases whose mask a person drew (all val cases if none is).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models import networks, registry
-from models.training import common
+from models.training import common, finetune, mix
 
 
 #: Default epochs per arch: each fits in about an hour on a 2-core CPU at 256 px, batch 8
@@ -49,6 +54,12 @@ class SegConfig:
     limit: int | None = None  # use only the first N cases of each split (smoke tests)
     version: str = "1.0.0"
     command: str = ""
+    #: initial weights (:meth:`models.training.finetune.InitWeights.as_dict`); None = from scratch
+    init: dict[str, Any] | None = None
+    #: extra training set mixed in (:mod:`models.training.mix`); None = base data only
+    extra: str | None = None
+    extra_fraction: float = mix.DEFAULT_FRACTION
+    extra_min_quality: float = mix.DEFAULT_MIN_QUALITY
     augment: dict[str, Any] = field(default_factory=lambda: asdict(common.AugmentConfig()))
 
 
@@ -73,47 +84,108 @@ def predict_probs(net: torch.nn.Module, images: np.ndarray, device: torch.device
     return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:], np.float32)
 
 
+def dice_per_case(net: torch.nn.Module, arrays: common.CaseArrays, device: torch.device) -> np.ndarray:
+    """Dice of each case at network size (thresholded prediction vs thresholded soft target)."""
+    if len(arrays.images) == 0:
+        return np.zeros(0, np.float64)
+    probs = predict_probs(net, arrays.images, device)
+    p, t = probs >= 0.5, arrays.masks >= 0.5
+    inter = (p & t).sum(axis=(1, 2))
+    return 2 * inter / np.maximum(1, p.sum(axis=(1, 2)) + t.sum(axis=(1, 2)))
+
+
 def val_dice(net: torch.nn.Module, arrays: common.CaseArrays, device: torch.device) -> float:
     """Mean Dice at network size (thresholded prediction vs thresholded soft target)."""
     if len(arrays.images) == 0:
         return float("nan")
-    probs = predict_probs(net, arrays.images, device)
-    p, t = probs >= 0.5, arrays.masks >= 0.5
-    inter = (p & t).sum(axis=(1, 2))
-    return float(np.mean(2 * inter / np.maximum(1, p.sum(axis=(1, 2)) + t.sum(axis=(1, 2)))))
+    return float(np.mean(dice_per_case(net, arrays, device)))
 
 
-def _subset_masked(a: common.CaseArrays) -> common.CaseArrays:
-    k = a.has_mask
-    return common.CaseArrays(
-        [c for c, m in zip(a.case_ids, k) if m], [s for s, m in zip(a.sources, k) if m],
-        a.images[k], a.masks[k], a.has_mask[k], a.labels[k],
-    )
+def _mean(values: np.ndarray) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def val_report(net: torch.nn.Module, sets: dict[str, common.CaseArrays],
+               device: torch.device) -> tuple[float, dict[str, Any]]:
+    """(selection Dice, report) over the validation sets (``base``, and ``extra`` when mixing).
+
+    The report gives each set's case count, mean Dice and mean Dice per ``source``, and ``all``
+    when there are several sets. The selection Dice is the mean over the cases whose mask a person
+    drew (not a pseudo-label), or over all cases when none is; NaN without validation cases.
+    """
+    def by_source(d: np.ndarray, sources: list[str]) -> dict[str, float]:
+        return {src: float(np.mean(d[[s == src for s in sources]])) for src in sorted(set(sources))}
+
+    report: dict[str, Any] = {}
+    dices, human, sources = [], [], []
+    for name, a in sets.items():
+        d = dice_per_case(net, a, device)
+        report[name] = {"n": len(d), "dice": _mean(d), "by_source": by_source(d, a.sources)}
+        dices.append(d)
+        human.append(mix.human_labelled(a))
+        sources += a.sources
+    every, is_human = np.concatenate(dices), np.concatenate(human)
+    if len(sets) > 1:
+        report["all"] = {"n": len(every), "dice": _mean(every), "by_source": by_source(every, sources)}
+    if not len(every):
+        return float("nan"), report
+    return float(np.mean(every[is_human] if is_human.any() else every)), report
+
+
+def _masked(cases: list) -> list:
+    return [c for c in cases if c.mask_path is not None]
+
+
+def _load_masked(cases: list, size: int) -> common.CaseArrays:
+    """The cases with a mask, preprocessed (rows without one are skipped for segmentation)."""
+    return common.load_cases(_masked(cases), size)
 
 
 def train(cfg: SegConfig) -> dict[str, Any]:
     """Run (or resume) training; return the exported sidecar."""
     if cfg.arch not in networks.SEGMENTATION_ARCHS:
         raise ValueError(f"unknown arch {cfg.arch!r}")
+    init = finetune.init_from_config(cfg.init)
+    if init is not None:
+        finetune.check_compatible(init, arch=cfg.arch, size=cfg.size)
+    extra = mix.ExtraSpec(cfg.extra, cfg.extra_fraction, cfg.extra_min_quality) if cfg.extra else None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = common.pick_device(cfg.device)
     g = common.seed_everything(cfg.seed)
     aug = common.AugmentConfig(**cfg.augment)
-    split_train = "train" if common.has_split(cfg.data, "train") else None
-    train_a = _subset_masked(common.load_arrays(cfg.data, split_train, cfg.size, cfg.limit))
-    val_a = (
-        _subset_masked(common.load_arrays(cfg.data, "val", cfg.size, cfg.limit))
-        if common.has_split(cfg.data, "val")
-        else common.empty_arrays(cfg.size)
-    )
-    if len(train_a.images) == 0:
+    base_train_rows = mix.read_split(cfg.data, "train", cfg.limit)
+    base_val_rows = mix.read_split(cfg.data, "val", cfg.limit)
+    train_a = _load_masked(base_train_rows, cfg.size)
+    val_sets = {mix.BASE: _load_masked(base_val_rows, cfg.size)}
+    summary: dict[str, Any] = {mix.BASE: {
+        "folder": str(Path(cfg.data).resolve()),
+        "train": mix.set_summary(base_train_rows, _masked(base_train_rows)),
+        "val": mix.set_summary(base_val_rows, _masked(base_val_rows)),
+    }}
+    n_base, extra_train = len(train_a.images), common.empty_arrays(cfg.size)
+    if extra is not None:
+        rows = {split: mix.read_split(extra.folder, split, cfg.limit) for split in ("train", "val")}
+        kept = {split: mix.apply_quality_floor(r, extra.min_quality) for split, r in rows.items()}
+        extra_train = _load_masked(kept["train"][0], cfg.size)
+        val_sets[mix.EXTRA] = _load_masked(kept["val"][0], cfg.size)
+        summary[mix.EXTRA] = {
+            "folder": str(Path(extra.folder).resolve()), "fraction": extra.fraction, "min_quality": extra.min_quality,
+            "samples_per_epoch": mix.epoch_sizes(n_base, len(extra_train), extra.fraction),
+            **{split: mix.set_summary(rows[split], _masked(kept[split][0]), kept[split][1]) for split in ("train", "val")},
+        }
+        if len(extra_train.images) == 0:
+            raise ValueError(f"no training cases with a mask in the extra set {extra.folder}"
+                             + (f" (after --extra-min-quality {extra.min_quality})" if extra.min_quality > 0 else ""))
+        if n_base == 0 and extra.fraction < 1:
+            raise ValueError(f"no training cases with a mask in {cfg.data} (only --extra-fraction 1 trains on the extra set alone)")
+    elif n_base == 0:
         raise ValueError(f"no training cases with a mask in {cfg.data}")
-    net = networks.build_segmenter(cfg.arch).to(device)
+    net = (finetune.build_initial(init) if init is not None else networks.build_segmenter(cfg.arch)).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs), eta_min=cfg.lr * 0.01)
     ckpt, log = out / "checkpoint.pt", common.JsonlLog(out / "train_log.jsonl")
-    start, best, best_state = 0, -1.0, None
+    start, best, best_state, best_epoch, best_report, initial_report = 0, -1.0, None, None, None, None
     if cfg.resume and ckpt.is_file():
         state = common.load_checkpoint(ckpt)
         net.load_state_dict(state["model"])
@@ -121,20 +193,28 @@ def train(cfg: SegConfig) -> dict[str, Any]:
         sched.load_state_dict(state["scheduler"])
         g.set_state(state["generator"])
         start, best, best_state = state["epoch"] + 1, state["best"], state["best_state"]
-    images = torch.from_numpy(train_a.images)[:, None]
-    masks = torch.from_numpy(train_a.masks)[:, None]
-    n = len(images)
+        best_epoch, best_report = state.get("best_epoch"), state.get("best_report")
+        initial_report = state.get("initial_report")
+    elif init is not None:  # the starting point, for comparison: the initial weights on the val sets
+        vd0, initial_report = val_report(net, val_sets, device)
+        log.write({"epoch": 0, "val_dice": vd0, "val": initial_report, "init": init.ref, "seconds": 0.0})
+        tqdm.write(f"initial weights {init.ref}: val_dice {vd0:.4f}", file=sys.stderr)
+    both = mix.concat(train_a, extra_train) if extra is not None else train_a
+    images = torch.from_numpy(both.images)[:, None]
+    masks = torch.from_numpy(both.masks)[:, None]
+    n_extra = len(extra_train.images) if extra is not None else 0
+    fraction = extra.fraction if extra is not None else 0.0
     timer = common.Timer()
     for epoch in range(start, cfg.epochs):
         net.train()
-        order = torch.randperm(n, generator=g)
+        order = mix.epoch_order(n_base, n_extra, fraction, g)
         losses = []
-        bar = tqdm(range(0, n, cfg.batch_size), desc=f"{cfg.arch} epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"{cfg.arch} epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
         for i in bar:
             idx = order[i : i + cfg.batch_size]
             x, y = images[idx].to(device), masks[idx].to(device)
-            both = common.random_affine(torch.cat([x, y], 1), aug, g)
-            x, y = common.random_intensity(both[:, :1], aug, g), both[:, 1:].clamp(0, 1)
+            both_xy = common.random_affine(torch.cat([x, y], 1), aug, g)
+            x, y = common.random_intensity(both_xy[:, :1], aug, g), both_xy[:, 1:].clamp(0, 1)
             loss = seg_loss(net(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -142,22 +222,33 @@ def train(cfg: SegConfig) -> dict[str, Any]:
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
         sched.step()
-        vd = val_dice(net, val_a, device)
+        vd, report = val_report(net, val_sets, device)
         if np.isnan(vd) or vd > best:  # without a val split the last epoch is kept
             best = vd if not np.isnan(vd) else best
             best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            best_epoch, best_report = epoch + 1, report
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_dice": vd, "best_val_dice": best,
                   "lr": opt.param_groups[0]["lr"], "seconds": round(timer(), 1)}
+        if extra is not None:
+            record.update(val=report, drawn={mix.BASE: int((order < n_base).sum()), mix.EXTRA: int((order >= n_base).sum())})
         log.write(record)
         tqdm.write(f"epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} val_dice {vd:.4f}", file=sys.stderr)
         common.save_checkpoint(ckpt, model=net.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                               generator=g.get_state(), epoch=epoch, best=best, best_state=best_state, config=asdict(cfg))
+                               generator=g.get_state(), epoch=epoch, best=best, best_state=best_state, config=asdict(cfg),
+                               best_epoch=best_epoch, best_report=best_report, initial_report=initial_report)
     if best_state is not None:
         net.load_state_dict(best_state)
+    has_human = any(mix.human_labelled(a).any() for a in val_sets.values())
     meta = {
         "name": f"cxrnode-lung-{cfg.arch}", "version": cfg.version, "kind": "segmentation", "arch": cfg.arch,
         "network": {}, "input_size": cfg.size, "threshold": 0.5,
-        "training": {"command": cfg.command, "config": asdict(cfg), "n_train": n, "n_val": len(val_a.images),
+        "training": {"command": cfg.command, "config": asdict(cfg), "n_train": len(both.images),
+                     "n_val": sum(len(a.images) for a in val_sets.values()),
                      "best_val_dice_network_size": best, "seconds": round(timer(), 1), "device": str(device)},
     }
+    meta["training"].update(
+        init=init.as_dict() if init is not None else None, data=summary, val=best_report, val_initial=initial_report,
+        best_epoch=best_epoch,
+        selection="mean val Dice over the cases with a manual mask" if has_human else "mean val Dice over all val cases",
+    )
     return registry.save(net.cpu(), meta, registry.SEGMENTER_FILES[cfg.arch], out)

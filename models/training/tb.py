@@ -9,6 +9,11 @@ with different seeds (their logits are averaged).
 The shipped operating threshold is the highest score that still gives sensitivity >= 0.90
 on the validation split (the WHO screening target); with no validation split it is 0.5.
 Out folder: ``checkpoint.pt``, ``train_log.jsonl``, and the exported ``tb-scorer.*``.
+
+Fine-tuning (``init``) starts each member from the same member of the initial weights (same
+architecture, input size and member count). An extra set (``extra``) is mixed into every epoch in
+the given proportion; the threshold is then chosen on the base and extra val cases together, and
+AUC, sensitivity and specificity are reported for each set and for both.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models import metrics, networks, registry, transforms
-from models.training import common
+from models.training import common, finetune, mix
 from models.training.segmentation import predict_probs
 
 
@@ -50,6 +55,12 @@ class TBConfig:
     target_sensitivity: float = 0.90
     version: str = "1.0.0"
     command: str = ""
+    #: initial weights (:meth:`models.training.finetune.InitWeights.as_dict`); None = from scratch
+    init: dict[str, Any] | None = None
+    #: extra training set mixed in (:mod:`models.training.mix`); None = base data only
+    extra: str | None = None
+    extra_fraction: float = mix.DEFAULT_FRACTION
+    extra_min_quality: float = mix.DEFAULT_MIN_QUALITY
     network: dict[str, Any] = field(default_factory=dict)
     augment: dict[str, Any] = field(
         default_factory=lambda: asdict(common.AugmentConfig(rotate_deg=10.0, scale=0.1, translate=0.06, noise_std=0.02))
@@ -76,8 +87,52 @@ def _auc(labels: np.ndarray, logits: np.ndarray) -> float:
     return metrics.roc_auc(labels, logits) if len(labels) and 0 < labels.sum() < len(labels) else float("nan")
 
 
+def _labelled(cases: list) -> list:
+    return [c for c in cases if c.tb_label is not None]
+
+
+def _inputs(cases: list, seg: Any, seg_size: int, device: torch.device, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(TB inputs, labels) of the cases with a TB label (rows without one are skipped)."""
+    arrays = common.load_cases(_labelled(cases), seg_size)
+    return build_inputs(arrays, seg.net, device, size), arrays.labels
+
+
+def tb_report(net: torch.nn.Module, sets: dict[str, tuple[np.ndarray, np.ndarray]], device: torch.device,
+              threshold: float | None) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Per validation set (and ``all`` when several): cases, TB cases, AUC, and at ``threshold``
+    sensitivity and specificity. Also returns the pooled labels and scores."""
+    report: dict[str, Any] = {}
+    labels, scores = [], []
+    for name, (x, y) in sets.items():
+        s = 1 / (1 + np.exp(-predict_logits(net, x, device)))
+        labels.append(y)
+        scores.append(s)
+    if len(sets) > 1:
+        sets = {**sets, "all": (None, np.concatenate(labels))}
+        scores.append(np.concatenate(scores))
+        labels.append(sets["all"][1])
+    for (name, _), y, s in zip(sets.items(), labels, scores):
+        auc = _auc(y, s)
+        sens = spec = None
+        if threshold is not None and len(y):
+            se, sp = metrics.sensitivity_specificity(y, s, threshold)
+            sens = se if y.sum() > 0 else None
+            spec = sp if (y == 0).sum() > 0 else None
+        report[name] = {"n": len(y), "n_tb": int(y.sum()), "auc": None if np.isnan(auc) else auc,
+                        "sensitivity": sens, "specificity": spec}
+    return report, labels[-1], scores[-1]
+
+
 def train(cfg: TBConfig) -> dict[str, Any]:
     """Train (or resume) the TB scorer; return the exported sidecar."""
+    init = finetune.init_from_config(cfg.init)
+    states: list[dict[str, torch.Tensor]] | None = None
+    if init is not None:
+        finetune.check_compatible(init, arch=cfg.arch, size=cfg.size, members=cfg.members)
+        if cfg.network != init.network:
+            raise ValueError(f"network settings {cfg.network} do not match the initial weights {init.ref} ({init.network})")
+        states = finetune.member_states(init)
+    extra = mix.ExtraSpec(cfg.extra, cfg.extra_fraction, cfg.extra_min_quality) if cfg.extra else None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = common.pick_device(cfg.device)
@@ -87,33 +142,59 @@ def train(cfg: TBConfig) -> dict[str, Any]:
         Path(cfg.segmenter_dir) if cfg.segmenter_dir else registry.WEIGHTS_DIR,
     )
     seg_size = int(seg.meta["input_size"])
-    split_train = "train" if common.has_split(cfg.data, "train") else None
-    tr = common.load_arrays(cfg.data, split_train, seg_size, cfg.limit)
-    keep = tr.labels >= 0
-    x_tr, y_tr = build_inputs(tr, seg.net, device, cfg.size)[keep], tr.labels[keep]
-    if common.has_split(cfg.data, "val"):
-        va = common.load_arrays(cfg.data, "val", seg_size, cfg.limit)
-        k = va.labels >= 0
-        x_va, y_va = build_inputs(va, seg.net, device, cfg.size)[k], va.labels[k]
-    else:
-        x_va, y_va = np.zeros((0, 2, cfg.size, cfg.size), np.float32), np.zeros(0, np.int64)
-    if len(y_tr) == 0:
+    base_rows = {split: mix.read_split(cfg.data, split, cfg.limit) for split in ("train", "val")}
+    x_tr, y_tr = _inputs(base_rows["train"], seg, seg_size, device, cfg.size)
+    val_sets = {mix.BASE: _inputs(base_rows["val"], seg, seg_size, device, cfg.size)}
+    summary: dict[str, Any] = {mix.BASE: {"folder": str(Path(cfg.data).resolve()),
+                                          **{split: mix.set_summary(r, _labelled(r)) for split, r in base_rows.items()}}}
+    n_base, n_extra = len(y_tr), 0
+    if extra is not None:
+        rows = {split: mix.read_split(extra.folder, split, cfg.limit) for split in ("train", "val")}
+        kept = {split: mix.apply_quality_floor(r, extra.min_quality) for split, r in rows.items()}
+        x_ex, y_ex = _inputs(kept["train"][0], seg, seg_size, device, cfg.size)
+        val_sets[mix.EXTRA] = _inputs(kept["val"][0], seg, seg_size, device, cfg.size)
+        n_extra = len(y_ex)
+        summary[mix.EXTRA] = {
+            "folder": str(Path(extra.folder).resolve()), "fraction": extra.fraction, "min_quality": extra.min_quality,
+            "samples_per_epoch": mix.epoch_sizes(n_base, n_extra, extra.fraction),
+            "note": "the pseudo-label floor applies to masks; TB labels come from a CSV or a verified report",
+            **{split: mix.set_summary(rows[split], _labelled(kept[split][0]), kept[split][1]) for split in ("train", "val")},
+        }
+        if n_extra == 0:
+            raise ValueError(f"no cases with a TB label in the training rows of the extra set {extra.folder}")
+        if n_base == 0 and extra.fraction < 1:
+            raise ValueError(f"no labelled training cases in {cfg.data} (only --extra-fraction 1 trains on the extra set alone)")
+        x_tr, y_tr = np.concatenate([x_tr, x_ex]), np.concatenate([y_tr, y_ex])
+    elif n_base == 0:
         raise ValueError(f"no labelled training cases in {cfg.data}")
+    fraction = extra.fraction if extra is not None else 0.0
+    x_va = np.concatenate([x for x, _ in val_sets.values()])
+    y_va = np.concatenate([y for _, y in val_sets.values()])
     aug = common.AugmentConfig(**cfg.augment)
     ckpt, log = out / "checkpoint.pt", common.JsonlLog(out / "train_log.jsonl")
     done: list[dict[str, torch.Tensor]] = []
-    member, start, resume_state = 0, 0, None
+    member, start, resume_state, initial_report = 0, 0, None, None
     if cfg.resume and ckpt.is_file():
         resume_state = common.load_checkpoint(ckpt)
         done, member, start = resume_state["done"], resume_state["member"], resume_state["epoch"] + 1
+        initial_report = resume_state.get("initial_report")
+    elif init is not None:  # the starting point, for comparison: the initial ensemble on the val sets
+        initial = finetune.build_initial(init).to(device)
+        initial_report, _, _ = tb_report(initial, val_sets, device, float(init.meta["threshold"]))
+        log.write({"member": 0, "epoch": 0, "val": initial_report, "init": init.ref, "seconds": 0.0})
+        tqdm.write(f"initial weights {init.ref}: val AUC {initial_report[mix.BASE]['auc']}", file=sys.stderr)
+        del initial
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr).float()
+    epoch_len = sum(mix.epoch_sizes(n_base, n_extra, fraction).values())
     timer = common.Timer()
     while member < cfg.members:
         g = common.seed_everything(cfg.seed + member)
         net = networks.build_tb_scorer(cfg.arch, **cfg.network).to(device)
+        if states is not None:
+            net.load_state_dict(states[member])
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.lr, total_steps=cfg.epochs * ((len(yt) + cfg.batch_size - 1) // cfg.batch_size), pct_start=0.15
+            opt, max_lr=cfg.lr, total_steps=cfg.epochs * ((epoch_len + cfg.batch_size - 1) // cfg.batch_size), pct_start=0.15
         )
         if resume_state is not None and start > 0:
             net.load_state_dict(resume_state["model"])
@@ -123,9 +204,9 @@ def train(cfg: TBConfig) -> dict[str, Any]:
         resume_state = None
         for epoch in range(start, cfg.epochs):
             net.train()
-            order = torch.randperm(len(yt), generator=g)
+            order = mix.epoch_order(n_base, n_extra, fraction, g)
             losses = []
-            bar = tqdm(range(0, len(yt), cfg.batch_size), desc=f"tb member {member + 1}/{cfg.members} epoch {epoch + 1}/{cfg.epochs}",
+            bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"tb member {member + 1}/{cfg.members} epoch {epoch + 1}/{cfg.epochs}",
                        leave=False, file=sys.stderr)
             for i in bar:
                 idx = order[i : i + cfg.batch_size]
@@ -143,14 +224,18 @@ def train(cfg: TBConfig) -> dict[str, Any]:
             auc = _auc(y_va, predict_logits(net, x_va, device))
             rec = {"member": member + 1, "epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
                    "val_auc": auc, "lr": opt.param_groups[0]["lr"], "seconds": round(timer(), 1)}
+            if extra is not None:
+                rec["drawn"] = {mix.BASE: int((order < n_base).sum()), mix.EXTRA: int((order >= n_base).sum())}
             log.write(rec)
             tqdm.write(f"member {member + 1} epoch {epoch + 1}/{cfg.epochs} loss {rec['loss']:.4f} val_auc {auc:.4f}", file=sys.stderr)
             common.save_checkpoint(ckpt, model=net.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                                   generator=g.get_state(), epoch=epoch, member=member, done=done, config=asdict(cfg))
+                                   generator=g.get_state(), epoch=epoch, member=member, done=done, config=asdict(cfg),
+                                   initial_report=initial_report)
         done.append({k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
         member, start = member + 1, 0
         common.save_checkpoint(ckpt, model=net.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                               generator=g.get_state(), epoch=-1, member=member, done=done, config=asdict(cfg))
+                               generator=g.get_state(), epoch=-1, member=member, done=done, config=asdict(cfg),
+                               initial_report=initial_report)
     members = []
     for state in done:
         m = networks.build_tb_scorer(cfg.arch, **cfg.network)
@@ -165,6 +250,7 @@ def train(cfg: TBConfig) -> dict[str, Any]:
         sens, spec = metrics.sensitivity_specificity(y_va, val_scores, threshold)
     else:
         threshold, sens, spec = 0.5, float("nan"), float("nan")
+    report, _, _ = tb_report(final, val_sets, device, threshold)
     meta = {
         "name": "cxrnode-tb-scorer", "version": cfg.version, "kind": "tb", "arch": cfg.arch, "network": cfg.network,
         "members": len(members), "input_size": cfg.size, "threshold": threshold,
@@ -172,7 +258,10 @@ def train(cfg: TBConfig) -> dict[str, Any]:
         "segmenter_used_for_training": seg.identity.name + " " + seg.identity.version,
         "training": {"command": cfg.command, "config": asdict(cfg), "n_train": int(len(y_tr)), "n_val": int(len(y_va)),
                      "val_auc": _auc(y_va, val_logits), "val_sensitivity": sens, "val_specificity": spec,
-                     "threshold_rule": f"highest threshold with val sensitivity >= {cfg.target_sensitivity}",
-                     "seconds": round(timer(), 1), "device": str(device)},
+                     "threshold_rule": f"highest threshold with val sensitivity >= {cfg.target_sensitivity}"
+                                       + (" (base and extra val cases together)" if extra is not None else ""),
+                     "seconds": round(timer(), 1), "device": str(device),
+                     "init": init.as_dict() if init is not None else None, "data": summary, "val": report,
+                     "val_initial": initial_report},
     }
     return registry.save(final.cpu(), meta, registry.TB_FILE, out)

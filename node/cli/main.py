@@ -44,7 +44,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from node import __version__
-    from node.cli import admin, archive, audit, db
+    from node.cli import admin, archive, audit, dataset, db
 
     parser = argparse.ArgumentParser(prog="cxrnode", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"cxrnode {__version__}")
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit.register(sub, common)
     db.register(sub, common)
     archive.register(sub, common)
+    dataset.register(sub, common)
+    from node.cli import models as models_cli
+
+    models_cli.register(sub, common)
     config = sub.add_parser("config", help="check the configuration").add_subparsers(
         dest="config_command", required=True, metavar="ACTION")
     p = config.add_parser("check", parents=[common], help="validate and print the settings")

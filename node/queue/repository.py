@@ -694,3 +694,62 @@ def intake_since(db: Database, since: datetime) -> Intake:
             .where(Instance.received_at >= since)).one()
         first = session.scalar(select(func.min(Instance.received_at)))
         return Intake(int(total), int(count), first)
+
+
+# ----- training-set export (node/dataset/export.py) -----
+
+@dataclass(frozen=True)
+class DatasetCandidate:
+    """An archived job that a ``cxrnode dataset export`` selection matched, as the queue knows it."""
+
+    job_id: int
+    status: str
+    tb_score: float | None
+    received_at: datetime
+    calling_ae_title: str
+    sop_class_uid: str
+    study_instance_uid: str
+    sop_instance_uid: str
+    source_path: str  # "" when the bytes were not kept
+    seg_path: str | None  # the node's own SEG, if it made one
+    purged_at: datetime | None
+
+
+def dataset_candidates(db: Database, *, states: Sequence[str], since: datetime | None = None,
+                       until: datetime | None = None, calling_ae_titles: Sequence[str] = (),
+                       tb_min: float | None = None, tb_max: float | None = None, outcome: str | None = None,
+                       limit: int | None = None) -> list[DatasetCandidate]:
+    """Jobs in ``states`` whose instance was received in [``since``, ``until``), from one of
+    ``calling_ae_titles`` (any when empty), with a TB score in [``tb_min``, ``tb_max``] (a bound
+    excludes jobs without a score), and acceptance ``outcome`` ``accepted`` (not discarded) or
+    ``discarded``; the ``limit`` most recently received, returned oldest first. Reads only."""
+    if outcome not in (None, "accepted", "discarded"):
+        raise ValueError(f"outcome must be accepted or discarded, got {outcome!r}")
+    where: list[ColumnElement[bool]] = [Job.status.in_([JobStatus(s).value for s in states])]
+    if since is not None:
+        where.append(Instance.received_at >= since)
+    if until is not None:
+        where.append(Instance.received_at < until)
+    if calling_ae_titles:
+        where.append(Instance.calling_ae_title.in_([t.strip() for t in calling_ae_titles]))
+    if tb_min is not None:
+        where.append(Job.tb_score >= tb_min)
+    if tb_max is not None:
+        where.append(Job.tb_score <= tb_max)
+    if outcome == "accepted":
+        where.append(Job.status != JobStatus.DISCARDED.value)
+    elif outcome == "discarded":
+        where.append(Job.status == JobStatus.DISCARDED.value)
+    with db.session() as session:
+        stmt = (select(Job).join(Job.instance).where(*where)
+                .options(selectinload(Job.instance), selectinload(Job.results))
+                .order_by(Instance.received_at.desc(), Job.id.desc()))
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        jobs = list(session.scalars(stmt))
+        found = [DatasetCandidate(
+            job.id, job.status, job.tb_score, job.instance.received_at, job.instance.calling_ae_title,
+            job.instance.sop_class_uid, job.instance.study_instance_uid, job.instance.sop_instance_uid,
+            job.instance.path, seg.path if (seg := job.result("seg")) is not None else None, job.purged_at)
+            for job in jobs]
+    return found[::-1]

@@ -29,6 +29,7 @@ from node.archive import check_uid
 from node.errors import EncodingError, RejectedInput
 from node.http import metrics
 from node.imaging import UnreadablePixels, display_pixels, patient_left_on_image_right, pixel_spacing_mm
+from node.loop import describe
 from node.results import verify
 from node.results.algorithm import ResultAlgorithms
 from node.results.device import NodeDevice, device_for
@@ -40,6 +41,7 @@ from node.settings import Settings
 from node.worker.selection import rejection_reason
 
 if TYPE_CHECKING:
+    from models.catalog import ModelRegistry
     from models.inference import LungAnalysis, LungAnalyzer
 
 log = logging.getLogger(__name__)
@@ -137,36 +139,95 @@ def patient_sides(ds: Dataset, analysis: LungAnalysis) -> tuple[np.ndarray, np.n
     return np.ascontiguousarray(left[:, ::-1]), np.ascontiguousarray(right[:, ::-1])
 
 
-class Pipeline:
-    """Holds the loaded networks; ``run`` is called once per job."""
+def _load_champions(registry: ModelRegistry, device: str) -> LungAnalyzer:
+    """The registry's segmenter and TB champions, checksummed and loaded (once per process)."""
+    from models.inference import LungAnalyzer
 
-    def __init__(self, settings: Settings, analyzer: LungAnalyzer, device: NodeDevice | None = None) -> None:
+    champions = registry.champions()
+    return LungAnalyzer.from_entries(champions["segmenter"], champions["tb"], device)
+
+
+class Pipeline:
+    """Holds the loaded networks; ``run`` is called once per job.
+
+    Built by :meth:`load`, it serves the model registry's champions (:mod:`models.catalog`) and,
+    before each job, switches to new ones when ``cxrnode models promote``/``rollback`` changed
+    them (:meth:`refresh`): a job is analysed by one pair of models from start to end, and no job
+    waits for or is lost to a switch. Built with an ``analyzer`` and no ``registry``, it keeps it.
+    """
+
+    def __init__(self, settings: Settings, analyzer: LungAnalyzer, device: NodeDevice | None = None,
+                 registry: ModelRegistry | None = None, registry_token: str | None = None) -> None:
         self.settings = settings
-        self.analyzer = analyzer
         #: The node's identity in every result: ``[node]`` settings + this installation's defaults.
         self.device = device if device is not None else device_for(settings)
-        configured = settings.worker.tb_threshold
-        self.tb_threshold = analyzer.tb_threshold if configured < 0 else configured
         self.output_kinds = settings.output_kinds
+        self.registry = registry
+        self._token = registry_token
+        self._use(analyzer)
+
+    def _use(self, analyzer: LungAnalyzer) -> None:
+        self.analyzer = analyzer
+        configured = self.settings.worker.tb_threshold
+        self.tb_threshold = analyzer.tb_threshold if configured < 0 else configured
 
     @classmethod
     def load(cls, settings: Settings) -> Pipeline:
-        from models.inference import LungAnalyzer
+        from models.catalog import ModelRegistry
 
         device = device_for(settings)  # before the networks: a read-only data folder fails at once
         log.info("results made by station %s, serial %s, Device UID %s", device.station_name,
                  device.device_serial_number, device.device_uid)
-        analyzer = LungAnalyzer.load(settings.worker.architecture, device=settings.worker.device)
-        log.info("models loaded on %s (%s)", analyzer.device, settings.worker.architecture)
-        metrics.models_loaded(settings.worker.architecture, analyzer)
-        return cls(settings, analyzer, device)
+        registry = ModelRegistry(settings.models_registry_path, initial_arch=settings.worker.architecture)
+        token = registry.state_token()  # first: a change from here on is seen before the next job
+        analyzer = _load_champions(registry, settings.worker.device)
+        seg, arch = analyzer.segmenter_identity, analyzer.segmenter_arch
+        if arch != settings.worker.architecture:
+            log.warning("worker.architecture is %s but the segmenter in service is %s (%s): the model registry "
+                        "decides (cxrnode models list; promote another with cxrnode models promote)",
+                        settings.worker.architecture, analyzer.refs[0], arch)
+        log.info("models loaded on %s: %s (%s %s) and %s from %s", analyzer.device, analyzer.refs[0], seg.name,
+                 seg.version, analyzer.refs[1], registry.root)
+        metrics.models_loaded(arch, analyzer)
+        return cls(settings, analyzer, device, registry=registry, registry_token=token)
+
+    def refresh(self) -> bool:
+        """Between jobs: load the registry's champions if a promotion or rollback changed them.
+
+        One ``stat`` when nothing changed. True when other models serve from now on. If the new
+        champions cannot be loaded (their weights fail the checksum), the models in service stay,
+        with an error in the log, until the registry changes again.
+        """
+        if self.registry is None:
+            return False
+        token = self.registry.state_token()
+        if token == self._token:
+            return False
+        self._token = token
+        try:
+            refs = self.registry.champion_refs()
+            if (refs.get("segmenter"), refs.get("tb")) == self.analyzer.refs:
+                return False
+            analyzer = _load_champions(self.registry, self.analyzer.device)
+        except Exception as exc:  # noqa: BLE001 - keep serving what is loaded; say why
+            log.error("models: cannot load the new champions (%s); still serving %s",
+                      describe(exc), ", ".join(self.analyzer.refs or ()))
+            return False
+        old = self.analyzer.refs or ("?", "?")
+        for now, was in zip(analyzer.refs, old, strict=True):
+            if now != was:
+                log.info("models: now %s (was %s)", now, was)
+        self._use(analyzer)
+        metrics.models_loaded(analyzer.segmenter_arch, analyzer)
+        return True
 
     def run(self, path: Path) -> Outcome:
-        """Analyse the object at ``path``.
+        """Analyse the object at ``path`` (with the champions in service when it starts).
 
         Raises:
             RejectedInput: outside the acceptance rules, or the pixels cannot be read.
         """
+        self.refresh()
         started = time.perf_counter()
         ds = load(path)
         reason = rejection_reason(ds, self.settings.acceptance)
