@@ -2,7 +2,7 @@
 
 A folder outside the package (``[models] registry``, by default ``<data_dir>/models``)::
 
-    <root>/state.json                  champions, the rollback stack of each slot, the history
+    <root>/state.json                  champions, shadows, the rollback stack of each slot, the history
     <root>/.lock                       fcntl.flock'd by every writer (state and entries)
     <root>/entries/<stem>@<version>/   one registered model, never changed once renamed into place:
         <stem>.pt, <stem>.json         the weights and sidecar exactly as models.registry.save wrote them
@@ -500,6 +500,8 @@ class ModelRegistry:
             if current:
                 state["previous"].setdefault(slot, []).append(current)
             state["champions"][slot] = target.ref
+            if (state.get("shadows") or {}).get(slot) == target.ref:  # the shadow now serves: no longer one
+                del state["shadows"][slot]
             state["history"].append(record)
             self._write_state(state)
         log.info("promoted %s to %s (was %s) by %s: %s", target.ref, slot, current, by, why)
@@ -530,8 +532,62 @@ class ModelRegistry:
         return record
 
     def history(self) -> list[dict]:
-        """Every seed, promotion and rollback, oldest first."""
+        """Every seed, promotion, rollback and shadow change, oldest first."""
         return list(self._state()["history"])
+
+    # ------------------------------------------------------------------ shadows
+
+    def shadow_refs(self) -> dict[str, str]:
+        """{slot: ref} of the shadows (challengers run beside the champion, never sent), one read."""
+        return dict(self._state().get("shadows") or {})
+
+    def shadow(self, slot: str) -> Entry | None:
+        """The entry running in shadow for ``slot``, or None."""
+        if slot not in SLOTS:
+            raise RegistryError(f"unknown slot {slot!r}; choose from {', '.join(SLOTS)}")
+        ref = self.shadow_refs().get(slot)
+        return self.entry_exact(ref) if ref else None
+
+    def set_shadow(self, ref: str | None, *, by: str, why: str = "", slot: str | None = None) -> list[dict]:
+        """Run ``ref`` in shadow for its slot (replacing that slot's shadow), or with ``ref`` None
+        stop the shadow of ``slot`` (of every slot when ``slot`` is None). Returns the history
+        records (none when nothing changed). The state is rewritten, so a running node notices at
+        its next job (:meth:`state_token`)."""
+        target = None
+        if ref is not None:
+            target = self.entry(ref)
+            target.verify()
+            if slot is not None and slot != target.slot:
+                raise RegistryError(f"{target.ref} is a {target.slot} model, not a {slot}")
+        elif slot is not None and slot not in SLOTS:
+            raise RegistryError(f"unknown slot {slot!r}; choose from {', '.join(SLOTS)}")
+        records = []
+        with self._locked():
+            state = self._state()
+            shadows = state.setdefault("shadows", {})
+            if target is not None:
+                if state["champions"].get(target.slot) == target.ref:
+                    raise RegistryError(f"{target.ref} is the {target.slot} in service: it cannot be its own shadow")
+                changes = {target.slot: target.ref}
+            else:
+                changes = {s: None for s in ([slot] if slot else SLOTS) if shadows.get(s)}
+            for s, new in changes.items():
+                current = shadows.get(s)
+                if current == new:
+                    continue
+                records.append({"action": "shadow" if new else "shadow-off", "when": _now(), "by": by,
+                                "why": (why or "").strip(), "slot": s, "from": current, "to": new,
+                                "forced": False, "gate": None})
+                if new:
+                    shadows[s] = new
+                else:
+                    shadows.pop(s, None)
+            if records:
+                state["history"].extend(records)
+                self._write_state(state)
+        for r in records:
+            log.info("shadow for %s: %s (was %s) by %s", r["slot"], r["to"], r["from"], by)
+        return records
 
 
 def _check_meta(meta: dict[str, Any], stem: str) -> None:

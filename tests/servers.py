@@ -16,6 +16,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,3 +280,30 @@ def c_store(port: int, datasets: list, *, calling: str = "TESTSCU", called: str 
         return [int(assoc.send_c_store(ds).Status) for ds in datasets]
     finally:
         assoc.release()
+
+
+#: Orthanc's DICOMweb plugin as the tests configure it (QIDO/WADO-RS under /dicom-web/).
+DICOMWEB_CONFIG = {"DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
+                                "WadoRoot": "/wado", "Ssl": False}}
+
+
+@contextmanager
+def orthanc_and_node(work: Path, *, dicomweb: bool = False,
+                     extra: dict[str, dict[str, Any]] | None = None) -> Iterator[tuple[Orthanc, NodeProcess]]:
+    """A running Orthanc (the node as its modality ``cxrnode``; DICOMweb on with ``dicomweb``) and a
+    running ``cxrnode serve`` that sends its results there; both stopped on leaving."""
+    node_port = free_port()
+    orthanc = Orthanc(work / "orthanc", free_port(), free_port(),
+                      modalities={"cxrnode": {"AET": "CXRNODE", "Host": "127.0.0.1", "Port": node_port}},
+                      plugins=[str(ORTHANC_PLUGINS / "libOrthancDicomWeb.so")] if dicomweb else [],
+                      extra_config=dict(DICOMWEB_CONFIG) if dicomweb else {})
+    node = NodeProcess(work / "node", node_port, extra=extra or {}, destinations=[
+        {"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}])
+    orthanc.start()
+    try:
+        node.start()
+        yield orthanc, node
+    finally:
+        if node.proc is not None:
+            node.stop()
+        orthanc.stop()

@@ -1,8 +1,9 @@
-"""``cxrnode models list|show|register|compare|promote|rollback|history``: the model registry.
+"""``cxrnode models list|show|register|compare|promote|rollback|history|shadow|shadow-report``: the model registry.
 
 The registry is ``[models] registry`` (default ``<data_dir>/models``, :mod:`models.catalog`); the
 gate is :mod:`models.gate`. A running node notices a promotion or rollback before its next job
-and serves the new champion from then on. Errors are one line on stderr and exit code 1; a
+and serves the new champion from then on; likewise a shadow set or stopped with ``shadow``
+(a challenger run beside the champion on live traffic, recorded, never sent: ``shadow-report``). Errors are one line on stderr and exit code 1; a
 promotion the gate refuses also exits 1, naming the failing metric(s).
 """
 
@@ -66,22 +67,23 @@ def metrics_summary(metrics: dict[str, Any], limit: int = 3) -> str:
     return ", ".join(f"{k} {numeric[k]:.4g}" for k in keys[:limit]) or "-"
 
 
-def _entry_dict(entry: Any, in_service: bool) -> dict[str, Any]:
+def _entry_dict(entry: Any, in_service: bool, shadow: bool = False) -> dict[str, Any]:
     return {"ref": entry.ref, "slot": entry.slot, "stem": entry.stem, "name": entry.identity.name,
             "version": entry.identity.version, "arch": entry.arch, "sha256": entry.identity.sha256,
-            "registered_at": entry.registered_at, "in_service": in_service, "folder": str(entry.folder),
-            "metrics": entry.metrics()}
+            "registered_at": entry.registered_at, "in_service": in_service, "shadow": shadow,
+            "folder": str(entry.folder), "metrics": entry.metrics()}
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     reg = open_registry(load_settings(args.config))
     champions = set(reg.champion_refs().values())
+    shadows = set(reg.shadow_refs().values())
     entries = reg.entries(args.slot)
-    rows = [_entry_dict(e, e.ref in champions) for e in entries]
+    rows = [_entry_dict(e, e.ref in champions, e.ref in shadows) for e in entries]
     human = table(["", "ref", "slot", "arch", "registered", "sha256", "metrics"],
-                  [["*" if r["in_service"] else "", r["ref"], r["slot"], r["arch"], r["registered_at"],
-                    r["sha256"][:12], metrics_summary(r["metrics"])] for r in rows])
-    emit(rows, args.json, human + f"\n\n* = in service; registry {reg.root}")
+                  [["*" if r["in_service"] else "~" if r["shadow"] else "", r["ref"], r["slot"], r["arch"],
+                    r["registered_at"], r["sha256"][:12], metrics_summary(r["metrics"])] for r in rows])
+    emit(rows, args.json, human + f"\n\n* = in service, ~ = in shadow (recorded, never sent); registry {reg.root}")
     return 0
 
 
@@ -93,10 +95,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     reg = open_registry(load_settings(args.config))
     entry = reg.entry(args.ref)
     champions = reg.champion_refs()
-    out = _entry_dict(entry, champions.get(entry.slot) == entry.ref)
+    out = _entry_dict(entry, champions.get(entry.slot) == entry.ref, reg.shadow_refs().get(entry.slot) == entry.ref)
     out.update(sidecar=entry.meta, data_summary=entry.data_summary(), card=entry.card(),
                history=[r for r in reg.history() if _about(r, entry.ref)])
-    lines = [f"{entry.ref}{'  (in service)' if out['in_service'] else ''}",
+    lines = [f"{entry.ref}{'  (in service)' if out['in_service'] else '  (in shadow)' if out['shadow'] else ''}",
              (f"  slot {entry.slot}, {entry.identity.name} {entry.identity.version} ({entry.arch}), "
               f"input {entry.meta.get('input_size')} px, threshold {entry.meta.get('threshold')}"),
              f"  sha256 {entry.identity.sha256}",
@@ -114,7 +116,7 @@ def _history_line(r: dict[str, Any]) -> str:
     gate = r.get("gate")
     verdict = "" if gate is None else (" gate passed" if gate.get("passed") else
                                        f" gate failed on {', '.join(gate.get('failed', []))}")
-    return (f"{r['when']}  {r['action']:<8} {r['slot']:<9} {r.get('from') or '-'} -> {r['to']}  by {r['by']}"
+    return (f"{r['when']}  {r['action']:<8} {r['slot']:<9} {r.get('from') or '-'} -> {r['to'] or '-'}  by {r['by']}"
             f"{' FORCED' if r.get('forced') else ''}{verdict}: {r['why']}")
 
 
@@ -210,6 +212,48 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shadow(args: argparse.Namespace) -> int:
+    if (args.ref is None) == (not args.off):
+        raise _fail("name the model to run in shadow (REF), or --off")
+    reg = open_registry(load_settings(args.config))
+    records = reg.set_shadow(None if args.off else args.ref, by=_who(args), why=args.why or "", slot=args.slot)
+    shadows = reg.shadow_refs()
+    lines = [f"{r['slot']}: shadow {r['to'] or 'off'} (was {r['from'] or 'none'})" for r in records] or ["nothing changed"]
+    lines.append(("shadows: " + ", ".join(f"{s} {ref}" for s, ref in sorted(shadows.items())) if shadows
+                  else "no shadow runs") + "; a running node switches before its next job")
+    emit({"changed": records, "shadows": shadows}, args.json, "\n".join(lines))
+    return 0
+
+
+def cmd_shadow_report(args: argparse.Namespace) -> int:
+    from node.cli.admin import _db
+    from node.cli.audit import parse_since
+    from node.cli.render import iso
+    from node.queue import repository
+    from node.worker.shadow import report
+
+    since = parse_since(args.since) if args.since else None
+    groups = report(repository.shadow_results(_db(args), since))
+    out = {"since": iso(since) if since else None, "shadows": groups}
+
+    def num(value: Any, fmt: str = ".4f") -> str:
+        return "-" if value is None else format(value, fmt)
+
+    lines = []
+    for g in groups:
+        lines += [f"{g['shadow_ref']} (beside {', '.join(g['champions'])}; {g['first']} .. {g['last']})",
+                  f"  jobs compared {g['jobs_compared']}, errors {g['errors']}"
+                  + (f" (last: {g['last_error']})" if g["last_error"] else ""),
+                  (f"  lung Dice vs champion: mean {num(g['dice_mean'])}, min {num(g['dice_min'])}; lowest jobs "
+                   f"{', '.join(map(str, g['dice_lowest_jobs'])) or '-'}"),
+                  (f"  TB score mean |difference| {num(g['tb_score_mean_abs_diff'])}; calls agree "
+                   f"{g['agreed']}/{g['jobs_compared']} ({num(g['agreement_rate'] and 100 * g['agreement_rate'], '.1f')} %), "
+                   f"champion normal/shadow abnormal {g['champion_normal_shadow_abnormal']}, "
+                   f"champion abnormal/shadow normal {g['champion_abnormal_shadow_normal']}")]
+    emit(out, args.json, "\n".join(lines) or "no shadow results" + (f" since {iso(since)}" if since else ""))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
     models = sub.add_parser("models", help="the model registry: list, compare, promote, roll back").add_subparsers(
         dest="models_command", required=True, metavar="ACTION")
@@ -252,3 +296,16 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--why", required=True, help="the reason, recorded in the history")
     p.add_argument("--by", help="who rolls back (default: $USER)")
     p.set_defaults(func=_guard(cmd_rollback))
+    p = models.add_parser("shadow", parents=[common],
+                          help="run a model beside the one in service on every job: recorded, never sent")
+    p.add_argument("ref", metavar="REF", nargs="?", help="the model to run in shadow (replaces its slot's shadow)")
+    p.add_argument("--off", action="store_true", help="stop the shadow (of --slot, default every slot)")
+    p.add_argument("--slot", choices=("segmenter", "tb"))
+    p.add_argument("--why", help="the reason, recorded in the history")
+    p.add_argument("--by", help="who (default: $USER)")
+    p.set_defaults(func=_guard(cmd_shadow))
+    p = models.add_parser("shadow-report", parents=[common],
+                          help="how the shadow agreed with the model in service, per shadow model")
+    p.add_argument("--since", metavar="TIME",
+                   help="ISO 8601 time (UTC unless it has an offset) or a duration ago: 24h, 30m, 1d")
+    p.set_defaults(func=_guard(cmd_shadow_report))

@@ -18,7 +18,8 @@ from node.errors import NodeError
 from node.logs import redact
 from node.queue.db import Database
 from node.queue.states import LEASED, FailStage, JobStatus, check_transition
-from node.queue.tables import AssociationRecord, Delivery, Instance, Job, JobEvent, ResultObject, utcnow
+from node.queue.tables import (AssociationRecord, Delivery, Instance, Job, JobEvent, ResultObject, ShadowResult,
+                               utcnow)
 
 
 @dataclass(frozen=True)
@@ -617,24 +618,25 @@ def _chunks(ids: Sequence[int]) -> list[list[int]]:
 
 def history_rows(db: Database, job_ids: Sequence[int]) -> dict[str, int]:
     """How many rows of each table belong to these jobs (what deleting their history removes)."""
-    counts = {"jobs": 0, "instances": 0, "job_events": 0, "results": 0, "deliveries": 0}
+    counts = {"jobs": 0, "instances": 0, "job_events": 0, "results": 0, "deliveries": 0, "shadow_results": 0}
     with db.session() as session:
         for chunk in _chunks(job_ids):
             counts["jobs"] += session.scalar(select(func.count()).where(Job.id.in_(chunk))) or 0
             counts["instances"] += session.scalar(
                 select(func.count(Instance.id)).join(Job, Job.instance_id == Instance.id)
                 .where(Job.id.in_(chunk))) or 0
-            for table, key in ((JobEvent, "job_events"), (ResultObject, "results"), (Delivery, "deliveries")):
+            for table, key in ((JobEvent, "job_events"), (ResultObject, "results"), (Delivery, "deliveries"),
+                               (ShadowResult, "shadow_results")):
                 counts[key] += session.scalar(select(func.count()).where(table.job_id.in_(chunk))) or 0
     return counts
 
 
 def delete_history(db: Database, job_ids: Sequence[int], ended_before: datetime, *,
                    keep_failed: bool) -> dict[str, int]:
-    """Delete these jobs with their instance, events, results rows and deliveries, one transaction
+    """Delete these jobs with their instance, events, results rows, deliveries and shadow results, one transaction
     per chunk; each job is checked again (still purgeable, ended before ``ended_before``, no
     files left), so a job retried or pinned meanwhile is kept. Returns the rows deleted per table."""
-    counts = {"jobs": 0, "instances": 0, "job_events": 0, "results": 0, "deliveries": 0}
+    counts = {"jobs": 0, "instances": 0, "job_events": 0, "results": 0, "deliveries": 0, "shadow_results": 0}
     for chunk in _chunks(job_ids):
         with db.session() as session:
             # A no-op UPDATE picks the jobs: it takes the write lock, so nothing changes them
@@ -647,7 +649,8 @@ def delete_history(db: Database, job_ids: Sequence[int], ended_before: datetime,
             ids, instance_ids = [r[0] for r in rows], [r[1] for r in rows]
             if not ids:
                 continue
-            for table, key in ((JobEvent, "job_events"), (ResultObject, "results"), (Delivery, "deliveries")):
+            for table, key in ((JobEvent, "job_events"), (ResultObject, "results"), (Delivery, "deliveries"),
+                               (ShadowResult, "shadow_results")):
                 counts[key] += session.execute(
                     delete(table).where(table.job_id.in_(ids)).execution_options(synchronize_session=False)
                 ).rowcount
@@ -753,3 +756,24 @@ def dataset_candidates(db: Database, *, states: Sequence[str], since: datetime |
             job.instance.path, seg.path if (seg := job.result("seg")) is not None else None, job.purged_at)
             for job in jobs]
     return found[::-1]
+
+
+def record_shadow(db: Database, job_id: int, fields: dict[str, object]) -> int:
+    """Record one shadow comparison (:class:`ShadowResult` columns) of ``job_id``; returns its id.
+    Only a row: the job, its results and its state are not touched."""
+    with db.session() as session:
+        if session.get(Job, job_id) is None:
+            raise JobNotFound(job_id)
+        row = ShadowResult(job_id=job_id, at=utcnow(), **fields)
+        session.add(row)
+        session.flush()
+        return row.id
+
+
+def shadow_results(db: Database, since: datetime | None = None) -> list[ShadowResult]:
+    """Shadow comparisons (recorded at or after ``since``), oldest first."""
+    with db.session() as session:
+        query = select(ShadowResult).order_by(ShadowResult.id)
+        if since is not None:
+            query = query.where(ShadowResult.at >= since)
+        return list(session.scalars(query))

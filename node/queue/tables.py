@@ -169,3 +169,38 @@ class AssociationRecord(Base):
     c_store: Mapped[int] = mapped_column(Integer, default=0)
     c_store_failed: Mapped[int] = mapped_column(Integer, default=0)
     c_echo: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ShadowResult(Base):
+    """A challenger run in shadow on one job (``cxrnode models shadow``): compared with the
+    champion's analysis of the same pixels, recorded here and never encoded nor sent.
+
+    ``shadow_ref`` names the shadowed model(s) (``a + b`` when both slots have a shadow);
+    ``shadow_segmenter``/``shadow_tb`` the pair that ran (a slot without a shadow uses its
+    champion). Dice is between the champion's and the shadow's lung masks; a call is
+    ``score >= threshold`` at each pair's own threshold. ``error`` is set (and the comparison
+    empty) when the shadow could not be loaded or failed.
+    """
+
+    __tablename__ = "shadow_results"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    shadow_ref: Mapped[str] = mapped_column(String(300))
+    champion_segmenter: Mapped[str] = mapped_column(String(140))
+    champion_tb: Mapped[str] = mapped_column(String(140))
+    shadow_segmenter: Mapped[str | None] = mapped_column(String(140))
+    shadow_tb: Mapped[str | None] = mapped_column(String(140))
+    dice_lungs: Mapped[float | None] = mapped_column(Float)
+    dice_right: Mapped[float | None] = mapped_column(Float)  # the patient's right lung
+    dice_left: Mapped[float | None] = mapped_column(Float)
+    champion_tb_score: Mapped[float | None] = mapped_column(Float)
+    shadow_tb_score: Mapped[float | None] = mapped_column(Float)
+    champion_threshold: Mapped[float | None] = mapped_column(Float)
+    shadow_threshold: Mapped[float | None] = mapped_column(Float)
+    champion_call: Mapped[bool | None] = mapped_column(Boolean)  # True = TB suspected
+    shadow_call: Mapped[bool | None] = mapped_column(Boolean)
+    agree: Mapped[bool | None] = mapped_column(Boolean)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    error: Mapped[str | None] = mapped_column(Text)

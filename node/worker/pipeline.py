@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom import dcmread
@@ -38,6 +39,7 @@ from node.results.sc import build_secondary_capture
 from node.results.seg import build_segmentation
 from node.results.sr import build_report
 from node.settings import Settings
+from node.worker import shadow as shadow_mode
 from node.worker.selection import rejection_reason
 
 if TYPE_CHECKING:
@@ -64,6 +66,10 @@ class Outcome:
     results: tuple[EncodedObject, ...]
     tb_score: float
     summary: str
+    #: Shadow mode: the challenger's analysis of the same pixels and its comparison with the
+    #: champion's, deferred: the runner calls it after the job's results are recorded and records
+    #: what it returns (the columns of a ``shadow_results`` row; it never raises). None: no shadow.
+    shadow: Callable[[], dict[str, Any]] | None = field(default=None, compare=False, repr=False)
 
     def result(self, kind: str) -> EncodedObject | None:
         return next((r for r in self.results if r.kind == kind), None)
@@ -164,7 +170,12 @@ class Pipeline:
         self.output_kinds = settings.output_kinds
         self.registry = registry
         self._token = registry_token
+        #: the shadow (``cxrnode models shadow``): which models, and their analyzer when loaded
+        self.shadow_setup: shadow_mode.ShadowSetup | None = None
+        self._shadow: LungAnalyzer | None = None
         self._use(analyzer)
+        if registry is not None:
+            self._load_shadow()
 
     def _use(self, analyzer: LungAnalyzer) -> None:
         self.analyzer = analyzer
@@ -204,6 +215,12 @@ class Pipeline:
         if token == self._token:
             return False
         self._token = token
+        switched = self._switch_champions()
+        self._load_shadow()
+        return switched
+
+    def _switch_champions(self) -> bool:
+        assert self.registry is not None
         try:
             refs = self.registry.champion_refs()
             if (refs.get("segmenter"), refs.get("tb")) == self.analyzer.refs:
@@ -220,6 +237,69 @@ class Pipeline:
         self._use(analyzer)
         metrics.models_loaded(analyzer.segmenter_arch, analyzer)
         return True
+
+    def _load_shadow(self) -> None:
+        """Load the registry's shadows (a slot's shadow equal to its champion is none); a shadow that
+        cannot be loaded is kept as a setup with its error, recorded with every job it misses."""
+        from models.inference import LungAnalyzer
+
+        assert self.registry is not None
+        champions = dict(zip(("segmenter", "tb"), self.analyzer.refs or ("", ""), strict=True))
+        try:
+            shadows = {slot: ref for slot, ref in self.registry.shadow_refs().items()
+                       if ref and ref != champions.get(slot)}
+        except Exception as exc:  # noqa: BLE001 - shadows are optional: never stop serving for them
+            log.error("models: cannot read the shadows (%s); none runs", describe(exc))
+            shadows = {}
+        if not shadows:
+            if self.shadow_setup is not None:
+                log.info("models: no shadow runs from now on (was %s)", self.shadow_setup.ref)
+            self.shadow_setup, self._shadow = None, None
+            return
+        setup = shadow_mode.ShadowSetup(" + ".join(shadows[s] for s in ("segmenter", "tb") if s in shadows),
+                                        shadows.get("segmenter", champions["segmenter"]),
+                                        shadows.get("tb", champions["tb"]))
+        if setup == self.shadow_setup and self._shadow is not None:
+            return
+        try:
+            analyzer = LungAnalyzer.from_entries(self.registry.entry_exact(setup.segmenter),
+                                                 self.registry.entry_exact(setup.tb), self.analyzer.device)
+        except Exception as exc:  # noqa: BLE001 - recorded on each job's shadow row instead
+            log.error("models: cannot load the shadow %s (%s); each job records the error", setup.ref,
+                      describe(exc))
+            self.shadow_setup = shadow_mode.ShadowSetup(setup.ref, setup.segmenter, setup.tb, error=describe(exc))
+            self._shadow = None
+            return
+        log.info("models: %s runs in shadow beside %s (results recorded, never sent)", setup.ref,
+                 ", ".join(self.analyzer.refs or ()))
+        self.shadow_setup, self._shadow = setup, analyzer
+
+    def _shadow_job(self, view: np.ndarray, champion: LungAnalysis) -> Callable[[], dict[str, Any]] | None:
+        """The deferred shadow analysis of ``view`` (the champion's input) for :attr:`Outcome.shadow`."""
+        setup, analyzer = self.shadow_setup, self._shadow
+        if setup is None:
+            return None
+        refs = self.analyzer.refs or ("", "")
+        champion_threshold = self.tb_threshold
+        # its own operating point: the shadow TB scorer's threshold; the champion's TB scorer keeps the node's
+        shadow_threshold = analyzer.tb_threshold if analyzer is not None and setup.tb != refs[1] else champion_threshold
+
+        def run() -> dict[str, Any]:
+            started = time.perf_counter()
+            fields: dict[str, Any] = {"shadow_ref": setup.ref, "champion_segmenter": refs[0], "champion_tb": refs[1],
+                                      "shadow_segmenter": setup.segmenter, "shadow_tb": setup.tb,
+                                      "error": setup.error}
+            if analyzer is not None:
+                try:
+                    fields.update(shadow_mode.compare(champion, analyzer.analyze(view), champion_threshold,
+                                                      shadow_threshold))
+                except Exception as exc:  # noqa: BLE001 - a shadow never fails a job
+                    log.exception("shadow %s failed", setup.ref)
+                    fields["error"] = describe(exc)
+            fields["seconds"] = time.perf_counter() - started
+            return fields
+
+        return run
 
     def run(self, path: Path) -> Outcome:
         """Analyse the object at ``path`` (with the champions in service when it starts).
@@ -238,7 +318,8 @@ class Pipeline:
             pixels = display_pixels(ds)
         except UnreadablePixels as exc:
             raise RejectedInput(f"unreadable pixel data: {exc}") from None
-        analysis = self.analyzer.analyze(standard_view(ds, pixels))
+        view = standard_view(ds, pixels)
+        analysis = self.analyzer.analyze(view)
         inferred = time.perf_counter()
         metrics.observe_stage("inference", inferred - started)
         left, right = patient_sides(ds, analysis)
@@ -273,4 +354,4 @@ class Pipeline:
         metrics.observe_stage("encoding", done - inferred)
         summary = (f"TB score {analysis.tb_score:.3f} (threshold {self.tb_threshold:.3f}); "
                    f"inference {inferred - started:.2f} s, encoding {done - inferred:.2f} s")
-        return Outcome(results, float(analysis.tb_score), summary)
+        return Outcome(results, float(analysis.tb_score), summary, shadow=self._shadow_job(view, analysis))

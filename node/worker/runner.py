@@ -7,7 +7,9 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from node import faults
 from node.archive import Archive
@@ -20,6 +22,7 @@ from node.queue.states import JobStatus
 from node.settings import Settings
 from node.worker.lease import LeaseKeeper
 from node.worker.pipeline import Pipeline
+from node.worker.shadow import event_message
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,7 @@ class InferenceWorker:
     def _process(self, job_id: int) -> None:
         cfg = self.settings.worker
         instance = repository.instance_of(self.db, job_id)
+        shadow = None
         with LeaseKeeper(self.db, job_id, self.owner, cfg.lease_s) as lease:
             faults.pause("infer")
             try:
@@ -109,6 +113,19 @@ class InferenceWorker:
             repository.mark_encoded(self.db, job_id, self.owner, outcome.tb_score, archived,
                                     [d.name for d in self.settings.destinations_for(instance.calling_ae_title)])
             log.info("job %d encoded (TB score %.3f)", job_id, outcome.tb_score)
+            shadow = outcome.shadow
+        if shadow is not None:  # after the job's results are recorded: it never delays nor fails them
+            self._run_shadow(job_id, shadow)
+
+    def _run_shadow(self, job_id: int, shadow: Callable[[], dict[str, Any]]) -> None:
+        """Run the shadow, record its row and a ``shadow`` step; whatever goes wrong is only logged."""
+        try:
+            fields = shadow()
+            repository.record_shadow(self.db, job_id, fields)
+            repository.note(self.db, job_id, "shadow", "error" if fields.get("error") else "ok",
+                            event_message(fields))
+        except Exception:  # noqa: BLE001 - the job is done; its shadow is only a record
+            log.exception("job %d: the shadow comparison could not be recorded", job_id)
 
     def _record_failure(self, job_id: int, error: str, *, give_up: bool = False) -> None:
         """Retry the job later or fail it; raises if the queue cannot be reached."""

@@ -28,11 +28,9 @@ from node.dataset.export import to_export_grid
 from tests.deid_scan import assert_no_identifiers, identifiers
 from tests.dicom_factory import make_dx, montgomery_case, new_instance
 from tests.servers import (
-    ORTHANC_PLUGINS,
     REPO,
-    NodeProcess,
     Orthanc,
-    free_port,
+    orthanc_and_node,
     wait_until,
 )
 
@@ -44,23 +42,8 @@ CASES = ("MCUCXR_0017_0", "MCUCXR_0001_0", "MCUCXR_0002_0")
 
 @pytest.fixture(scope="module")
 def pacs_and_node(tmp_path_factory: pytest.TempPathFactory):
-    work = tmp_path_factory.mktemp("dataset-e2e")
-    node_port, http_port, dicom_port = free_port(), free_port(), free_port()
-    orthanc = Orthanc(work / "orthanc", http_port, dicom_port,
-                      modalities={"cxrnode": {"AET": "CXRNODE", "Host": "127.0.0.1", "Port": node_port}},
-                      plugins=[str(ORTHANC_PLUGINS / "libOrthancDicomWeb.so")],
-                      extra_config={"DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
-                                                 "WadoRoot": "/wado", "Ssl": False}})
-    orthanc.start()
-    node = NodeProcess(work / "node", node_port, destinations=[
-        {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": dicom_port}])
-    try:
-        node.start()
-        yield orthanc, node
-    finally:
-        if node.proc is not None:
-            node.stop()
-        orthanc.stop()
+    with orthanc_and_node(tmp_path_factory.mktemp("dataset-e2e"), dicomweb=True) as pair:
+        yield pair
 
 
 def radiograph(case: str, n: int, **kwargs) -> Dataset:  # type: ignore[no-untyped-def]

@@ -16,7 +16,13 @@ import pytest
 from models import registry
 from tests.dicom_factory import make_dx, new_instance
 from tests.models.catalog_helpers import clone_version, small_reference_set
-from tests.servers import NodeProcess, Orthanc, c_store, free_port, wait_until
+from tests.servers import (
+    NodeProcess,
+    Orthanc,
+    c_store,
+    orthanc_and_node,
+    wait_until,
+)
 from tests.unit.test_results import find_items
 
 pytestmark = pytest.mark.e2e
@@ -53,13 +59,7 @@ def send_radiograph(node: NodeProcess, orthanc: Orthanc, tmp_path: Path, name: s
 
 
 def test_promote_and_roll_back_while_the_node_serves(tmp_path: Path) -> None:
-    node_port, http_port, dicom_port = free_port(), free_port(), free_port()
-    orthanc = Orthanc(tmp_path / "orthanc", http_port, dicom_port)
-    node = NodeProcess(tmp_path / "node", node_port, destinations=[
-        {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": dicom_port}])
-    orthanc.start()
-    try:
-        node.start()
+    with orthanc_and_node(tmp_path) as (orthanc, node):
         assert send_radiograph(node, orthanc, tmp_path, "before") == ("1.0.0", "1.0.0")
 
         # a retrained model arrives (here: the shipped weights under a new version) and passes the gate
@@ -89,7 +89,3 @@ def test_promote_and_roll_back_while_the_node_serves(tmp_path: Path) -> None:
             return len(jobs) == 3 and {j["status"] for j in jobs} == {"done"}
 
         wait_until(all_done, 60, interval_s=1, what="three jobs done")  # no job lost to a switch
-    finally:
-        if node.proc is not None:
-            node.stop()
-        orthanc.stop()

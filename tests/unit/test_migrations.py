@@ -78,6 +78,11 @@ def test_the_v010_queue_upgrades_with_every_job_event_and_delivery(tmp_path: Pat
     assert repo.set_pinned(db, 4, True) and repo.get_job(db, 4).pinned is True
     # 0005: no delivery has failed for good
     assert rows(path, "SELECT count(*) FROM deliveries WHERE failed_at IS NOT NULL") == [(0,)]
+    # 0006: shadow mode's table exists, empty, and takes a row for an old job
+    assert rows(path, "SELECT count(*) FROM shadow_results") == [(0,)]
+    assert repo.record_shadow(db, 4, {"shadow_ref": "lung-unet@9", "champion_segmenter": "lung-unet@1.0.0",
+                                      "champion_tb": "tb-scorer@1.0.0", "seconds": 0.0, "error": "x"}) == 1
+    assert [r.job_id for r in repo.shadow_results(db)] == [4]
 
     # the upgraded queue keeps working: the queued job is claimed, the failed one retried as a resend
     assert repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "new:1:work", 60) == 8

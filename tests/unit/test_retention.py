@@ -243,7 +243,7 @@ def test_history_goes_after_history_days_and_only_after_the_files(tmp_path: Path
     report = node.purge(days_later=31)
     assert report["jobs_purged"] == 1 and report["history"]["jobs"] == 1  # files, then rows, in one run
     assert report["history"]["tables"] == {"jobs": 1, "instances": 1, "job_events": 7, "results": 2,
-                                           "deliveries": 1}
+                                           "deliveries": 1, "shadow_results": 0}
     assert node.rows("SELECT COUNT(*) FROM jobs") == [(0,)]
     for table in ("instances", "job_events", "results", "deliveries"):
         assert node.rows(f"SELECT COUNT(*) FROM {table}") == [(0,)], table
