@@ -28,7 +28,7 @@ from pydicom import Dataset
 from pynetdicom import AE
 
 from tests.dicom_factory import FIXTURE_DIR, make_ct_slice, make_dx, new_instance
-from tests.servers import NodeProcess, Orthanc, free_port, wait_until
+from tests.servers import NodeProcess, Orthanc, free_port
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 MARK = "routing_burst"
@@ -45,9 +45,7 @@ def associate(node: NodeProcess, *datasets: Dataset):  # type: ignore[no-untyped
 
 
 def wait_results(orthanc: Orthanc, ds: Dataset) -> None:
-    wait_until(lambda: orthanc.series_of_study(ds.StudyInstanceUID, "SEG")
-               and orthanc.series_of_study(ds.StudyInstanceUID, "SR"), 600, interval_s=0.05,
-               what="SEG and SR in Orthanc")
+    orthanc.wait_for_result_series(ds.StudyInstanceUID, 600, interval_s=0.05)
 
 
 def store(assoc, ds: Dataset) -> None:  # type: ignore[no-untyped-def]

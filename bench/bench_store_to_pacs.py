@@ -24,7 +24,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from tests.dicom_factory import nema_chest_cr_path
-from tests.servers import NodeProcess, Orthanc, free_port, wait_until
+from tests.servers import NodeProcess, Orthanc, free_port
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -41,9 +41,7 @@ def one_run(orthanc: Orthanc, node: NodeProcess, source: Path) -> float:
     assoc.release()
     if status.Status != 0:
         raise RuntimeError(f"C-STORE answered 0x{status.Status:04X}")
-    wait_until(lambda: orthanc.series_of_study(ds.StudyInstanceUID, "SEG")
-               and orthanc.series_of_study(ds.StudyInstanceUID, "SR"), 600, interval_s=0.05,
-               what="SEG and SR in Orthanc")
+    orthanc.wait_for_result_series(ds.StudyInstanceUID, 600, interval_s=0.05)
     return time.perf_counter() - started
 
 

@@ -152,6 +152,15 @@ class Orthanc:
     def series_of_study(self, study_instance_uid: str, modality: str) -> list[str]:
         return self.find("Series", {"StudyInstanceUID": study_instance_uid, "Modality": modality})
 
+    def wait_for_result_series(self, study_instance_uid: str, timeout_s: float,
+                               interval_s: float = 0.25) -> tuple[list[str], list[str]]:
+        """The SEG series and the SR series of ``study_instance_uid``, once both have arrived."""
+        def both() -> tuple[list[str], list[str]] | None:
+            seg = self.series_of_study(study_instance_uid, "SEG")
+            sr = self.series_of_study(study_instance_uid, "SR")
+            return (seg, sr) if seg and sr else None
+        return wait_until(both, timeout_s, interval_s, what="SEG and SR in Orthanc")
+
     def instance_files(self, series_id: str) -> list[bytes]:
         return [self.get_bytes(f"/instances/{i['ID']}/file")
                 for i in self.get(f"/series/{series_id}/instances")]

@@ -59,11 +59,7 @@ def radiograph(case: str, n: int, **kwargs) -> Dataset:  # type: ignore[no-untyp
 
 
 def results_of(orthanc: Orthanc, study_uid: str) -> tuple[bytes, bytes]:
-    def both():  # type: ignore[no-untyped-def]
-        seg, sr = orthanc.series_of_study(study_uid, "SEG"), orthanc.series_of_study(study_uid, "SR")
-        return (seg, sr) if seg and sr else None
-
-    seg_series, sr_series = wait_until(both, RESULT_TIMEOUT_S, what="SEG and SR in Orthanc")
+    seg_series, sr_series = orthanc.wait_for_result_series(study_uid, RESULT_TIMEOUT_S)
     (seg,), (sr,) = orthanc.instance_files(seg_series[0]), orthanc.instance_files(sr_series[0])
     return seg, sr
 

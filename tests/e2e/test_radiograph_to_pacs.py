@@ -54,11 +54,7 @@ def pacs_and_node(tmp_path_factory: pytest.TempPathFactory):
 
 def wait_for_results(orthanc: Orthanc, study_uid: str) -> tuple[bytes, bytes]:
     """The SEG and SR files filed in ``study_uid``, once both have arrived."""
-    def both() -> tuple[list[str], list[str]] | None:
-        seg, sr = orthanc.series_of_study(study_uid, "SEG"), orthanc.series_of_study(study_uid, "SR")
-        return (seg, sr) if seg and sr else None
-
-    seg_series, sr_series = wait_until(both, RESULT_TIMEOUT_S, what="SEG and SR in Orthanc")
+    seg_series, sr_series = orthanc.wait_for_result_series(study_uid, RESULT_TIMEOUT_S)
     assert len(seg_series) == 1 and len(sr_series) == 1
     (seg,), (sr,) = orthanc.instance_files(seg_series[0]), orthanc.instance_files(sr_series[0])
     return seg, sr

@@ -84,11 +84,7 @@ def cli(node: NodeProcess, *args: str, timeout_s: float = 400) -> subprocess.Com
 
 
 def results_in_pacs(orthanc: Orthanc, study_uid: str) -> tuple[bytes, pydicom.Dataset]:
-    def both():  # type: ignore[no-untyped-def]
-        seg, sr = orthanc.series_of_study(study_uid, "SEG"), orthanc.series_of_study(study_uid, "SR")
-        return (seg, sr) if seg and sr else None
-
-    (seg_series,), (sr_series,) = wait_until(both, RESULT_TIMEOUT_S, what="SEG and SR in Orthanc")
+    (seg_series,), (sr_series,) = orthanc.wait_for_result_series(study_uid, RESULT_TIMEOUT_S)
     (seg,), (sr,) = orthanc.instance_files(seg_series), orthanc.instance_files(sr_series)
     return seg, pydicom.dcmread(io.BytesIO(sr))
 
