@@ -79,16 +79,18 @@ class Archive:
     def received_path(self, study_instance_uid: str, sop_instance_uid: str) -> Path:
         return self.root / "received" / check_uid(study_instance_uid) / f"{check_uid(sop_instance_uid)}.dcm"
 
-    def keep_version(self, first: Path, data: bytes) -> Path | None:
+    def keep_version(self, first: Path, data: bytes, first_size: int | None = None) -> Path | None:
         """Keep ``data``, received again under the SOP Instance UID archived at ``first``.
 
         Returns None when ``data`` is byte-identical (SHA-256) to ``first``. Otherwise returns
         the version file holding it, next to ``first``: an existing ``<sop>.v<N>.dcm`` with the
         same bytes, else the next free N (from 2), written atomically. A missing ``first``
         (never expected) counts as different, so nothing received is ever dropped.
+        ``first_size`` (the queue's record of it), when it differs from ``len(data)``, spares
+        reading and hashing ``first``.
         """
         digest = hashlib.sha256(data).digest()
-        if _sha256(first) == digest:
+        if (first_size is None or first_size == len(data)) and _sha256(first) == digest:
             return None
         stem = first.name.removesuffix(".dcm")
         number = 2

@@ -52,13 +52,18 @@ def backoff_s(failures: int, poll_s: float, give_up_after_s: float) -> float:
 
 
 def run_loop(name: str, step: Callable[[], bool], stop: threading.Event, *, poll_s: float,
-             give_up_after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-    """Call ``step`` until ``stop`` is set; wait ``poll_s`` when it found nothing to do (False).
+             give_up_after_s: float, clock: Callable[[], float] = time.monotonic,
+             idle: Callable[[float], object] | None = None) -> None:
+    """Call ``step`` until ``stop`` is set; when it found nothing to do (False), wait for
+    ``idle(poll_s)``: by default ``stop.wait``, for the worker and the sender their wake-up bell
+    (:meth:`node.wakeups.Wakeups.wait`, which returns as soon as a job is ready for them), with
+    ``poll_s`` as the fallback poll.
 
     Raises:
         GiveUp: ``step`` raised on every turn for ``give_up_after_s`` and at least
             :data:`MIN_FAILURES` times in a row.
     """
+    idle = idle if idle is not None else stop.wait
     failures, first_failure = 0, 0.0
     while not stop.is_set():
         try:
@@ -82,4 +87,4 @@ def run_loop(name: str, step: Callable[[], bool], stop: threading.Event, *, poll
             log.warning("%s: working again after %d failed turn(s)", name, failures)
             failures = 0
         if not busy:
-            stop.wait(poll_s)
+            idle(poll_s)

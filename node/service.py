@@ -40,6 +40,7 @@ from node.queue.db import Database
 from node.scp import server as scp_server
 from node.sender.runner import Sender
 from node.settings import Settings
+from node.wakeups import Wakeups
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class Service:
         self.settings = settings
         self.listen, self.work = listen, work
         self.stop = threading.Event()
+        #: the bells between listener, worker and sender (node.wakeups); rung on stop too
+        self.wakeups = Wakeups()
         self._signals = 0
         self.db = Database(settings.data_path)
         self.archive = Archive(settings.data_path)
@@ -77,12 +80,12 @@ class Service:
             pipeline = Pipeline.load(self.settings)
         self.scheduler = start_scheduler(self.settings, self.db, purge_archive=self.listen)  # purge: serve only
         if self.listen:
-            self.ae, self.server = scp_server.start(self.settings, self.db, self.archive)
+            self.ae, self.server = scp_server.start(self.settings, self.db, self.archive, self.wakeups)
         if pipeline is not None:
             from node.worker.runner import InferenceWorker
 
-            worker = InferenceWorker(self.settings, self.db, self.archive, pipeline, self.stop)
-            sender = Sender(self.settings, self.db, self.stop)
+            worker = InferenceWorker(self.settings, self.db, self.archive, pipeline, self.stop, self.wakeups)
+            sender = Sender(self.settings, self.db, self.stop, self.wakeups)
             for name, target in (("worker", worker.run_forever), ("sender", sender.run_forever)):
                 thread = threading.Thread(target=self._guarded(name, target), name=name, daemon=True)
                 thread.start()
@@ -93,7 +96,7 @@ class Service:
         if self._signals == 1:
             log.info("%s: finishing work in flight, then stopping (again to stop at once)",
                      signal.Signals(signum).name)
-            self.stop.set()
+            self._halt()
         else:
             log.warning("second signal: stopping at once")
             os._exit(EX_SECOND_SIGNAL)
@@ -105,7 +108,12 @@ class Service:
                 self.exit_code, self.exit_reason = code, reason
         log.critical("%s; stopping with exit code %d so that the supervisor restarts the node",
                      reason, code)
+        self._halt()
+
+    def _halt(self) -> None:
+        """Set the stop flag and wake the worker and the sender, so that they see it now."""
         self.stop.set()
+        self.wakeups.ring_all()
 
     def _guarded(self, name: str, target: Callable[[], None]) -> Callable[[], None]:
         """``target`` as a thread body whose end, other than by a warm stop, stops the node."""
@@ -147,7 +155,7 @@ class Service:
         return self.ae is not None and any(a.is_established for a in self.ae.active_associations)
 
     def shutdown(self, grace_s: float = 60.0) -> None:
-        self.stop.set()
+        self._halt()
         if self.server is not None:
             self.server.shutdown()  # stop accepting
             deadline = time.monotonic() + grace_s

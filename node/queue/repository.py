@@ -124,12 +124,45 @@ def record_discarded(db: Database, received: ReceivedInstance, reason: str) -> E
         return EnqueueResult(job.id, duplicate=False)
 
 
-def is_own_result(db: Database, sop_instance_uid: str) -> bool:
-    """True if ``sop_instance_uid`` is one of the result objects this node made."""
+@dataclass(frozen=True)
+class KnownInstance:
+    """What the queue holds for a SOP Instance UID when it arrives: one lookup per C-STORE."""
+
+    #: one of the result objects this node made (routed back to it)
+    own_result: bool
+    #: the job of the instance received before under this UID; None: never received
+    job_id: int | None = None
+    #: that instance's archived file ('' when its bytes were not kept) and size
+    path: str = ""
+    size_bytes: int = 0
+
+
+def known_instance(db: Database, sop_instance_uid: str) -> KnownInstance:
+    """Whether ``sop_instance_uid`` is this node's own result, and its earlier reception if any."""
     with db.session() as session:
-        return session.scalar(
+        own = session.scalar(
             select(ResultObject.id).where(ResultObject.sop_instance_uid == sop_instance_uid).limit(1)
         ) is not None
+        row = session.execute(
+            select(Job.id, Instance.path, Instance.size_bytes).join(Job.instance)
+            .where(Instance.sop_instance_uid == sop_instance_uid)
+        ).first()
+    if row is None:
+        return KnownInstance(own)
+    return KnownInstance(own, row.id, row.path, row.size_bytes)
+
+
+def record_duplicate(db: Database, job_id: int, calling_ae_title: str, different: str | None = None) -> None:
+    """A SOP Instance UID received again: a ``receive duplicate`` event on its job and, when the bytes
+    differ (``different`` says where they were kept), a ``receive duplicate-different`` one; one
+    transaction."""
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        _event(session, job, "receive", "duplicate", f"received again from {calling_ae_title}; not processed twice")
+        if different is not None:
+            _event(session, job, "receive", "duplicate-different", different)
 
 
 def claim(db: Database, ready: JobStatus, leased: JobStatus, owner: str,
@@ -438,10 +471,7 @@ def get_job(db: Database, job_id: int) -> Job:
 
 
 def instance_exists(db: Database, sop_instance_uid: str) -> bool:
-    with db.session() as session:
-        return session.scalar(
-            select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
-        ) is not None
+    return known_instance(db, sop_instance_uid).job_id is not None
 
 
 def release_orphans(db: Database, host: str, pid: int, alive: Callable[[int], bool]) -> list[int]:

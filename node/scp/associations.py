@@ -32,6 +32,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node.dicom import no_delay
 from node.queue import audit
 from node.queue.db import Database
 
@@ -202,6 +203,7 @@ class AssociationAudit:
 class AuditedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with the TLS handshake done per connection, and audited.
 
+    Accepted connections have ``TCP_NODELAY`` set (:func:`no_delay`).
     pynetdicom wraps the accepted socket in :meth:`get_request`, on the accept loop's thread:
     a peer that connects and sends nothing holds the whole listener. Here the handshake runs
     in the connection's thread with a timeout, and a failure is recorded by ``audit``.
@@ -213,6 +215,7 @@ class AuditedAssociationServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
         client, address = self.socket.accept()
+        no_delay(client)
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(client, server_side=True,
                                                   do_handshake_on_connect=False)

@@ -24,6 +24,7 @@ from node.archive import Archive, UnsafeUID, check_uid
 from node.dicom import ANALYSED_SOP_CLASSES, Status
 from node.queue import repository
 from node.queue.db import Database
+from node.wakeups import Stage, Wakeups
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class StoreContext:
     archive: Archive
     min_free_bytes: int
     locks: KeyedLocks = field(default_factory=KeyedLocks)
+    #: rung once a job is queued: this process's inference worker starts it at once
+    wakeups: Wakeups | None = None
 
 
 def _peer(event: events.Event) -> str:
@@ -98,6 +101,9 @@ def handle_store(event: events.Event, ctx: StoreContext) -> int:
     identical to an existing version reuse it) and the job gets a ``receive
     duplicate-different`` event naming the version file. Stores of one SOP Instance UID are
     serialised, so two concurrent senders of the same UID cannot overwrite each other.
+
+    The queue is read once (:func:`node.queue.repository.known_instance`) and written once per
+    C-STORE; a duplicate's earlier file is hashed only when its size matches.
     """
     request_uid = str(event.request.AffectedSOPInstanceUID)
     if ctx.archive.free_bytes() < ctx.min_free_bytes:
@@ -109,21 +115,22 @@ def handle_store(event: events.Event, ctx: StoreContext) -> int:
     study_uid, series_uid = checked
     try:
         with ctx.locks.hold(request_uid):
-            reason = _not_kept_reason(event, ctx, request_uid)
+            known = repository.known_instance(ctx.db, request_uid)
+            reason = _not_kept_reason(event, known)
             if reason is not None:
                 result = repository.record_discarded(ctx.db, _received(event, study_uid, series_uid, "", 0), reason)
                 log.info("C-STORE %s from %s: acknowledged, not kept (job %d): %s", request_uid,
                          event.assoc.requestor.ae_title, result.job_id, reason)
                 return Status.SUCCESS
-            if repository.instance_exists(ctx.db, request_uid):
-                return _store_duplicate(event, ctx, study_uid, series_uid)
+            if known.job_id is not None:
+                return _store_duplicate(event, ctx, known)
             return _store_new(event, ctx, study_uid, series_uid)
     except (OSError, SQLAlchemyError) as exc:
         log.error("C-STORE %s: cannot archive or queue: %s", request_uid, type(exc).__name__)
         return Status.OUT_OF_RESOURCES
 
 
-def _not_kept_reason(event: events.Event, ctx: StoreContext, request_uid: str) -> str | None:
+def _not_kept_reason(event: events.Event, known: repository.KnownInstance) -> str | None:
     """Why an object is acknowledged but its bytes are not kept, or None to archive and queue it.
 
     Two kinds are dropped at once: objects of SOP classes no chest radiograph comes in (CT, SR,
@@ -132,7 +139,7 @@ def _not_kept_reason(event: events.Event, ctx: StoreContext, request_uid: str) -
     back to it (loop safety). Both are recorded as discarded jobs with the reason.
     """
     sop_class = UID(str(event.request.AffectedSOPClassUID))
-    if repository.is_own_result(ctx.db, request_uid):
+    if known.own_result:
         return f"{sop_class.name} made by this node (its own result routed back): dropped, never analysed or re-sent"
     if sop_class not in ANALYSED_SOP_CLASSES:
         return f"{sop_class.name} is not an image class a chest radiograph comes in: bytes not kept"
@@ -179,29 +186,30 @@ def _store_new(event: events.Event, ctx: StoreContext, study_uid: str, series_ui
     path = ctx.archive.received_path(study_uid, sop_instance_uid)
     size = ctx.archive.write_atomic(path, event.encoded_dataset())
     result = repository.enqueue(ctx.db, _received(event, study_uid, series_uid, str(path), size))
+    if ctx.wakeups is not None and not result.duplicate:
+        ctx.wakeups.ring(Stage.QUEUED)
     log.info("C-STORE %s from %s: archived, job %d queued", sop_instance_uid,
              event.assoc.requestor.ae_title, result.job_id)
     return Status.SUCCESS
 
 
-def _store_duplicate(event: events.Event, ctx: StoreContext, study_uid: str,
-                     series_uid: str) -> int:
+def _store_duplicate(event: events.Event, ctx: StoreContext, known: repository.KnownInstance) -> int:
     """A SOP Instance UID received before: keep differing bytes as a version, never reprocess."""
+    assert known.job_id is not None
     sop_instance_uid = str(event.request.AffectedSOPInstanceUID)
+    calling = event.assoc.requestor.ae_title
     data = event.encoded_dataset()
-    result = repository.enqueue(ctx.db, _received(event, study_uid, series_uid, "", 0))
-    first = Path(repository.instance_of(ctx.db, result.job_id).path)
-    version = ctx.archive.keep_version(first, data)
+    # ``path`` is empty when the first one's bytes were not kept (a class the node drops)
+    version = ctx.archive.keep_version(Path(known.path), data, known.size_bytes) if known.path else None
+    different = None if version is None else (
+        f"different content (sha256 {sha256(data).hexdigest()[:16]}) from {calling} archived as "
+        f"{version.name}; not processed again")
+    repository.record_duplicate(ctx.db, known.job_id, calling, different)
     if version is None:
-        log.info("C-STORE %s: identical duplicate of job %d, acknowledged", sop_instance_uid,
-                 result.job_id)
-        return Status.SUCCESS
-    repository.note(ctx.db, result.job_id, "receive", "duplicate-different",
-                    f"different content (sha256 {sha256(data).hexdigest()[:16]}) from "
-                    f"{event.assoc.requestor.ae_title} archived as {version.name}; "
-                    "not processed again")
-    log.warning("C-STORE %s: duplicate with different content kept as %s (job %d)",
-                sop_instance_uid, version.name, result.job_id)
+        log.info("C-STORE %s: identical duplicate of job %d, acknowledged", sop_instance_uid, known.job_id)
+    else:
+        log.warning("C-STORE %s: duplicate with different content kept as %s (job %d)",
+                    sop_instance_uid, version.name, known.job_id)
     return Status.SUCCESS
 
 

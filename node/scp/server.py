@@ -17,6 +17,7 @@ from node.scp.associations import AssociationAudit, AuditedAssociationServer
 from node.errors import SettingsError
 from node.http import metrics
 from node.settings import Settings, TlsSettings
+from node.wakeups import Wakeups
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +56,18 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
-def start(settings: Settings, db: Database, archive: Archive) -> tuple[AE, ThreadedAssociationServer]:
-    """Start listening (non-blocking); returns the AE and its server.
+def start(settings: Settings, db: Database, archive: Archive,
+          wakeups: Wakeups | None = None) -> tuple[AE, ThreadedAssociationServer]:
+    """Start listening (non-blocking); returns the AE and its server. Each job queued rings
+    ``wakeups`` (the inference worker of this process starts it at once).
 
     Every association (accepted, rejected, released, aborted) and every failed TLS handshake is
     logged and written to the audit trail (:mod:`node.scp.associations`).
     """
     ae = build_ae(settings)
     ctx = handlers.StoreContext(db=db, archive=archive,
-                                min_free_bytes=settings.node.min_free_disk_mb * 1024 * 1024)
+                                min_free_bytes=settings.node.min_free_disk_mb * 1024 * 1024,
+                                wakeups=wakeups)
     associations = AssociationAudit(db)
     evt_handlers = [
         (evt.EVT_C_ECHO, handlers.handle_echo),

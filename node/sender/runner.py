@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 from pathlib import Path
 
 from node import faults
@@ -16,23 +17,29 @@ from node.queue.states import JobStatus
 from node.queue.tables import Job
 from node.sender import scu
 from node.settings import Destination, Settings
+from node.wakeups import Stage, Wakeups
 from node.worker.runner import worker_name
 
 log = logging.getLogger(__name__)
 
 
 class Sender:
-    """Delivers results until ``stop`` is set; failed sends come back after the backoff."""
+    """Delivers results until ``stop`` is set; failed sends come back after the backoff.
 
-    def __init__(self, settings: Settings, db: Database, stop: threading.Event) -> None:
-        self.settings, self.db, self.stop = settings, db, stop
+    With ``wakeups`` it sends as soon as the worker rings (results recorded); without, it polls.
+    """
+
+    def __init__(self, settings: Settings, db: Database, stop: threading.Event,
+                 wakeups: Wakeups | None = None) -> None:
+        self.settings, self.db, self.stop, self.wakeups = settings, db, stop, wakeups
         self.owner = worker_name("send")
 
     def run_forever(self) -> None:
         """Send until ``stop`` is set; raises :class:`node.loop.GiveUp` if the queue stays unreachable."""
         log.info("sender %s started", self.owner)
+        idle = None if self.wakeups is None else partial(self.wakeups.wait, Stage.ENCODED)
         run_loop("sender", self.run_once, self.stop, poll_s=self.settings.send.poll_interval_s,
-                 give_up_after_s=self.settings.worker.give_up_after_s)
+                 give_up_after_s=self.settings.worker.give_up_after_s, idle=idle)
         log.info("sender %s stopped", self.owner)
 
     def run_once(self) -> bool:

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import threading
+from functools import partial
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from node.queue.states import JobStatus
 from node.settings import Settings
 from node.worker.lease import LeaseKeeper
 from node.worker.pipeline import Pipeline
+from node.wakeups import Stage, Wakeups
 from node.worker.shadow import event_message
 
 log = logging.getLogger(__name__)
@@ -33,12 +35,16 @@ def worker_name(role: str) -> str:
 
 
 class InferenceWorker:
-    """Takes queued jobs one at a time until ``stop`` is set."""
+    """Takes queued jobs one at a time until ``stop`` is set.
+
+    With ``wakeups`` (one process running the listener too) it starts a job as soon as the
+    listener rings, and rings the sender once the job's results are recorded; without, it polls.
+    """
 
     def __init__(self, settings: Settings, db: Database, archive: Archive,
-                 pipeline: Pipeline, stop: threading.Event) -> None:
+                 pipeline: Pipeline, stop: threading.Event, wakeups: Wakeups | None = None) -> None:
         self.settings, self.db, self.archive, self.pipeline = settings, db, archive, pipeline
-        self.stop = stop
+        self.stop, self.wakeups = stop, wakeups
         self.owner = worker_name("infer")
         self._doing = ""  # what run_once is doing with its job, for the error it records
 
@@ -46,8 +52,9 @@ class InferenceWorker:
         """Run jobs until ``stop`` is set; raises :class:`node.loop.GiveUp` if the queue stays unreachable."""
         log.info("inference worker %s started", self.owner)
         cfg = self.settings.worker
+        idle = None if self.wakeups is None else partial(self.wakeups.wait, Stage.QUEUED)
         run_loop("inference worker", self.run_once, self.stop, poll_s=cfg.poll_interval_s,
-                 give_up_after_s=cfg.give_up_after_s)
+                 give_up_after_s=cfg.give_up_after_s, idle=idle)
         log.info("inference worker %s stopped", self.owner)
 
     def run_once(self) -> bool:
@@ -112,6 +119,8 @@ class InferenceWorker:
             faults.fire("db-record")
             repository.mark_encoded(self.db, job_id, self.owner, outcome.tb_score, archived,
                                     [d.name for d in self.settings.destinations_for(instance.calling_ae_title)])
+            if self.wakeups is not None:
+                self.wakeups.ring(Stage.ENCODED)
             log.info("job %d encoded (TB score %.3f)", job_id, outcome.tb_score)
             shadow = outcome.shadow
         if shadow is not None:  # after the job's results are recorded: it never delays nor fails them
