@@ -30,7 +30,7 @@ from typing import Any
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from node.dicom import no_delay
 from node.queue import audit
@@ -198,6 +198,34 @@ class AssociationAudit:
         self._write("a refused TLS connection",
                     lambda: audit.record(self.db, peer, "rejected",
                                          f"TLS handshake failed: {reason}"))
+
+
+class _WholeReadSocket(AssociationSocket):
+    """pynetdicom's connection socket, reading a PDU's bytes with as few ``recv`` calls as the
+    kernel allows (into one buffer) instead of 4,096 bytes per call into a growing bytearray:
+    about 2,000 Python-level calls and copies less for each 8 MB radiograph, on the GIL every
+    association shares (+18 % objects/s for 2048 x 2048 DX over 4 associations, bench_latency)."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        assert self.socket is not None
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        nr_read = 0
+        while nr_read < nr_bytes:
+            got = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)
+            if not got:  # connection closed: what was read so far, as pynetdicom's recv returns
+                return buffer[:nr_read]
+            nr_read += got
+        return buffer
+
+
+class NodeRequestHandler(RequestHandler):
+    """pynetdicom's per-connection handler, with :class:`_WholeReadSocket` for the connection."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        assoc.dul.socket.__class__ = _WholeReadSocket  # same state, one method replaced
+        return assoc
 
 
 class AuditedAssociationServer(ThreadedAssociationServer):

@@ -13,7 +13,7 @@ from node.archive import Archive
 from node.dicom import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES, VERIFICATION
 from node.queue.db import Database
 from node.scp import handlers
-from node.scp.associations import AssociationAudit, AuditedAssociationServer
+from node.scp.associations import AssociationAudit, AuditedAssociationServer, NodeRequestHandler
 from node.errors import SettingsError
 from node.http import metrics
 from node.settings import Settings, TlsSettings
@@ -77,7 +77,8 @@ def start(settings: Settings, db: Database, archive: Archive,
     ]
     ssl_context = tls_context(settings.tls) if settings.tls.enabled else None
     server = ae.make_server((settings.node.host, settings.node.port), ssl_context=ssl_context,
-                            evt_handlers=evt_handlers, server_class=AuditedAssociationServer)
+                            evt_handlers=evt_handlers, server_class=AuditedAssociationServer,
+                            request_handler=NodeRequestHandler)
     server.audit = associations
     server.handshake_timeout_s = settings.node.network_timeout_s
     thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
