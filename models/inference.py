@@ -109,9 +109,12 @@ class LungAnalyzer:
 
     def tb_probability(self, net_image: np.ndarray, lung_prob: np.ndarray) -> float:
         """TB score for a preprocessed image and its lung probabilities."""
+        return self._tb_score(transforms.tb_input(net_image, lung_prob, self.tb_size))
+
+    def _tb_score(self, x: np.ndarray) -> float:
+        """The TB scorer's output for its input (:func:`models.transforms.tb_input`)."""
         import torch
 
-        x = transforms.tb_input(net_image, lung_prob, self.tb_size)
         with torch.inference_mode():
             t = torch.from_numpy(x)[None].to(self.device)
             return float(torch.sigmoid(self._tb.net(t)).reshape(-1)[0].item())
@@ -126,12 +129,17 @@ class LungAnalyzer:
         net_image = transforms.preprocess(image, self.seg_size)
         prob = self.lung_probabilities(net_image)
         shape = tuple(out_shape) if out_shape is not None else image.shape
-        lungs = transforms.probabilities_to_masks(prob, shape, self.seg_threshold)
+        # Split once at network size: the masks and the TB scorer's crop both start from it
+        # (the TB input is always cut at MASK_THRESHOLD, the shipped segmenters' threshold).
+        small = transforms.split_lungs(prob >= self.seg_threshold)
+        lungs = transforms.resample_lungs(prob, small, shape, self.seg_threshold)
+        tb_lungs = (small.lung if self.seg_threshold == transforms.MASK_THRESHOLD
+                    else transforms.split_lungs(prob >= transforms.MASK_THRESHOLD).lung)
         return LungAnalysis(
             lung_mask=lungs.lung,
             image_left=lungs.image_left,
             image_right=lungs.image_right,
-            tb_score=self.tb_probability(net_image, prob),
+            tb_score=self._tb_score(transforms.tb_input_for_lungs(net_image, tb_lungs, self.tb_size)),
             segmenter=self._seg.identity,
             tb_model=self._tb.identity,
         )

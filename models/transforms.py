@@ -203,7 +203,14 @@ def probabilities_to_masks(
     original geometry and thresholded, so the edge lies where the network put it.
     """
     prob = _as_2d_float(prob)
-    small = split_lungs(prob >= threshold)
+    return resample_lungs(prob, split_lungs(prob >= threshold), shape, threshold)
+
+
+def resample_lungs(prob: np.ndarray, small: LungMasks, shape: tuple[int, int],
+                   threshold: float = MASK_THRESHOLD) -> LungMasks:
+    """:func:`probabilities_to_masks` for lungs already split at network size (``small``, which
+    ``split_lungs(prob >= threshold)`` gave), so a caller that needs them too splits once."""
+    prob = _as_2d_float(prob)
     out: list[np.ndarray] = []
     for side in (small.image_left, small.image_right):
         if not side.any():
@@ -248,7 +255,12 @@ def tb_input(net_image: np.ndarray, lung_prob: np.ndarray, size: int) -> np.ndar
     probabilities at the same size. The crop is the lungs' bounding box (plus margin),
     resampled to a square (bilinear; Pillow antialiases when shrinking) and re-normalised.
     """
-    mask = split_lungs(np.asarray(lung_prob) >= MASK_THRESHOLD).lung
+    return tb_input_for_lungs(net_image, split_lungs(np.asarray(lung_prob) >= MASK_THRESHOLD).lung, size)
+
+
+def tb_input_for_lungs(net_image: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
+    """:func:`tb_input` from the lungs already split at network size: ``mask`` is
+    ``split_lungs(lung_prob >= MASK_THRESHOLD).lung``."""
     r0, r1, c0, c1 = lung_bbox(mask)
     img = normalize_intensity(resize_bilinear(net_image[r0:r1, c0:c1], (size, size)))
     m = resize_bilinear(mask[r0:r1, c0:c1].astype(np.float32), (size, size))

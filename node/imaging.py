@@ -45,6 +45,9 @@ _NOT_INPUT_ERRORS = (MemoryError, KeyboardInterrupt, SystemExit, GeneratorExit)
 #: gigabytes (8,192 x 8,192 as float64 is 512 MiB).
 MAX_ROWS_COLUMNS = 8192
 
+#: A table of display values replaces per-pixel arithmetic up to this many stored values (16 bits).
+_MAX_TABLE_SIZE = 2**16
+
 SpacingAttribute = Literal["ImagerPixelSpacing", "PixelSpacing"]
 
 #: Pixel Spacing Calibration Type values that mean Pixel Spacing was
@@ -124,6 +127,19 @@ def display_pixels(ds: Dataset) -> np.ndarray:
 
 
 def _display(ds: Dataset) -> np.ndarray:
+    stored = _stored_pixels(ds)
+    table = _stored_value_table(stored)
+    if table is None:
+        return _displayed(stored, ds)
+    # Steps 2-5 map each stored value on its own: they are computed once per value the image can
+    # hold and looked up for each pixel, the same numbers in a fraction of the time (a 12-bit
+    # 2048 x 2048 image has 4 million pixels but at most 4,096 values).
+    levels, offsets = table
+    return np.take(_displayed(levels, ds, offsets), offsets)
+
+
+def _stored_pixels(ds: Dataset) -> np.ndarray:
+    """The decoded Pixel Data, (Rows, Columns)."""
     try:
         stored = ds.pixel_array
     except _NOT_INPUT_ERRORS:
@@ -139,7 +155,27 @@ def _display(ds: Dataset) -> np.ndarray:
             f"decoded pixels have shape {stored.shape}, expected (Rows, Columns) = "
             f"({ds.Rows}, {ds.Columns})"
         )
+    return stored
 
+
+def _stored_value_table(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(every value from the image's lowest to its highest stored value, each pixel's offset in
+    it); None when the pixels are not integers or span more than :data:`_MAX_TABLE_SIZE` values."""
+    if stored.dtype.kind not in "iu":
+        return None
+    lowest, highest = stored.min(), stored.max()
+    if int(highest) - int(lowest) >= _MAX_TABLE_SIZE:
+        return None
+    levels = np.arange(int(lowest), int(highest) + 1).astype(stored.dtype)
+    # In native byte order; wraps around for signed pixels spanning more than half their type,
+    # which the unsigned view undoes.
+    offsets = np.subtract(stored, lowest, dtype=stored.dtype.type).view(f"u{stored.itemsize}")
+    return levels, offsets
+
+
+def _displayed(stored: np.ndarray, ds: Dataset, offsets: np.ndarray | None = None) -> np.ndarray:
+    """Steps 2-5 of :func:`display_pixels` for ``stored`` values: the pixels, or with ``offsets``
+    (which of them each pixel has) a table of values, the image's display range being its pixels'."""
     try:
         values = np.asarray(apply_modality_lut(stored, ds))
     except Exception as exc:
@@ -147,7 +183,7 @@ def _display(ds: Dataset) -> np.ndarray:
             f"Modality LUT / Rescale cannot be applied: {type(exc).__name__}") from exc
     values = _apply_voi(values, ds).astype(np.float64, copy=False)
 
-    low, high = float(values.min()), float(values.max())
+    low, high = _display_range(values, offsets)
     if not (math.isfinite(low) and math.isfinite(high) and math.isfinite(high - low)):
         raise UnreadablePixels("pixel values are not finite after the Modality and VOI LUTs")
     if high > low:
@@ -157,6 +193,17 @@ def _display(ds: Dataset) -> np.ndarray:
     if _is_inverted(ds):
         scaled = np.float32(1.0) - scaled
     return scaled
+
+
+def _display_range(values: np.ndarray, offsets: np.ndarray | None) -> tuple[float, float]:
+    """The lowest and highest of the pixels' values (``values`` of a table: see :func:`_displayed`)."""
+    if offsets is not None:
+        steps = np.diff(values)
+        # A monotonic table's extremes are at its ends, the image's own lowest and highest
+        # stored values; any other (a LUT that folds back, NaN) is looked up for every pixel.
+        if not (np.all(steps >= 0) or np.all(steps <= 0)):
+            values = np.take(values, offsets)
+    return float(values.min()), float(values.max())
 
 
 def pixel_spacing_mm(ds: Dataset) -> PixelSpacing | None:

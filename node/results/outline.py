@@ -5,6 +5,10 @@ pixel (PS3.3 C.18.6.1.1), so a pixel centre is (c + 0.5, r + 0.5). The outline i
 iso-line of the mask (:func:`skimage.measure.find_contours`) around its largest region,
 simplified to within ``tolerance_px`` (:func:`skimage.measure.approximate_polygon`). The
 polyline is closed: its last point repeats the first.
+
+The contours are traced on the mask's bounding box only (a lung is a small part of a
+radiograph): marching squares is local and its coordinates are half-integers, so moving them
+back by the box's integer offset gives exactly the points the whole mask would.
 """
 
 from __future__ import annotations
@@ -12,7 +16,18 @@ from __future__ import annotations
 import numpy as np
 from skimage import measure
 
-__all__ = ["mask_outline"]
+__all__ = ["MaskBounds", "mask_bounds", "mask_outline"]
+
+#: (rows, columns) slices of a mask's bounding box.
+MaskBounds = tuple[slice, slice]
+
+
+def mask_bounds(mask: np.ndarray) -> MaskBounds | None:
+    """The bounding box of a 2-D boolean mask's True pixels; None when it has none."""
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(columns[0]), int(columns[-1]) + 1)
 
 
 def mask_outline(mask: np.ndarray, tolerance_px: float = 1.0) -> np.ndarray | None:
@@ -20,10 +35,13 @@ def mask_outline(mask: np.ndarray, tolerance_px: float = 1.0) -> np.ndarray | No
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
         raise ValueError(f"a mask outline needs a 2-D mask, got shape {mask.shape}")
-    if not mask.any():
+    bounds = mask_bounds(mask)
+    if bounds is None:
         return None
-    padded = np.pad(mask, 1).astype(np.float32)  # closes contours that touch the border
-    contours = measure.find_contours(padded, 0.5)
+    padded = np.pad(mask[bounds], 1).astype(np.float32)  # closes contours that touch the border
+    # Back to the whole mask's padded grid (exact: half-integers plus integers).
+    origin = np.array([bounds[0].start, bounds[1].start], dtype=np.float64)
+    contours = [contour + origin for contour in measure.find_contours(padded, 0.5)]
     longest = max(contours, key=lambda c: _polygon_area(c))
     simplified = measure.approximate_polygon(longest, tolerance=tolerance_px)
     rows, columns = simplified[:, 0] - 1.0, simplified[:, 1] - 1.0  # undo the padding

@@ -55,8 +55,6 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from node.imaging import pixel_spacing_mm
-
 from .algorithm import Algorithm
 from .device import DEFAULT_DEVICE, NodeDevice
 from .source import encoding_source, no_identifier_warnings
@@ -136,11 +134,9 @@ def build_segmentation(
         raise ValueError("the patient's left and right lung masks overlap")
     uids = result_uids(source.SOPInstanceUID, "seg", [algorithm.uid_key], root=device.uid_root)
     descriptions = [_segment_description(source, segment, algorithm, device.uid_root) for segment in LUNG_SEGMENTS]
-    pixel_array = np.stack(masks, axis=-1)[np.newaxis].astype(np.uint8)  # (1, Rows, Columns, 2)
     segmentation_type = segmentation_type_for(*shape, len(LUNG_SEGMENTS))
-    if segmentation_type is hd.seg.SegmentationTypeValues.FRACTIONAL:
-        pixel_array = pixel_array.astype(np.float32)  # 0.0/1.0, stored as 0/255
-    spacing = pixel_spacing_mm(source)
+    pixel_array = _segment_pixels(masks, segmentation_type)
+    spacing = source.spacing
     pixel_measures = hd.PixelMeasuresSequence(
         pixel_spacing=[spacing.row_mm, spacing.column_mm] if spacing is not None else [1.0, 1.0],
         slice_thickness=NOMINAL_SLICE_THICKNESS_MM,
@@ -195,6 +191,25 @@ def _encode(
         omit_empty_frames=False,
         series_description=SEG_SERIES_DESCRIPTION,
     )
+
+
+def _segment_pixels(masks: list[np.ndarray], segmentation_type: hd.seg.SegmentationTypeValues) -> np.ndarray:
+    """highdicom's pixel input for the lung masks (which do not overlap), in :data:`LUNG_SEGMENTS` order.
+
+    BINARY: a label map, (1, Rows, Columns) uint8 holding each pixel's segment number (0: none).
+    highdicom cuts the same one-bit frames out of it as out of a stack of masks, but a stack
+    makes it check every pixel for overlapping segments (a sum over the segment axis, most of
+    the SEG's cost at 2048 x 2048), which the caller has already ruled out.
+
+    FRACTIONAL: the masks stacked, (1, Rows, Columns, 2) float32 0.0/1.0, stored as 0/255. A
+    label map would be stored the same, but it changes Segments Overlap from UNDEFINED to NO.
+    """
+    if segmentation_type is hd.seg.SegmentationTypeValues.FRACTIONAL:
+        return np.stack(masks, axis=-1)[np.newaxis].astype(np.float32)
+    labels = np.zeros((1, *masks[0].shape), dtype=np.uint8)
+    for segment, mask in zip(LUNG_SEGMENTS, masks, strict=True):
+        labels[0][mask] = segment.segment_number
+    return labels
 
 
 def segmentation_type_for(rows: int, columns: int, segments: int) -> hd.seg.SegmentationTypeValues:

@@ -13,8 +13,11 @@ into the SEG and SR, and reads some of them as attributes. So:
 * a CR/DX Pixel Spacing of zero (NEMA RG1 CR) would be copied into the SEG's
   Pixel Measures: the copy leaves it out.
 
-:func:`encoding_source` returns the source itself when nothing applies,
-otherwise a shallow copy; the received object is never modified.
+:func:`encoding_source` returns an :class:`EncodingSource`: a shallow copy of
+the header, without Pixel Data (the encoders get pixels and masks as arrays),
+that also carries the pixel spacing results are measured with. The received
+object is never modified. The pipeline makes it once per job and hands it to
+every encoder; an encoder given one uses it as it is.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
+from pydicom.tag import Tag
 from pydicom.datadict import dictionary_VR
 from pydicom.valuerep import validate_value
 
-from node.imaging import spacing_attribute_mm
+from node.imaging import PixelSpacing, pixel_spacing_mm, spacing_attribute_mm
 
-__all__ = ["TYPE2_PATIENT_STUDY_KEYWORDS", "encoding_source", "no_identifier_warnings"]
+__all__ = ["TYPE2_PATIENT_STUDY_KEYWORDS", "EncodingSource", "encoding_source", "no_identifier_warnings"]
 
 #: Type 2 attributes of the Patient and General Study modules that the results copy.
 TYPE2_PATIENT_STUDY_KEYWORDS = (
@@ -51,30 +55,40 @@ _KEPT_AS_RECEIVED = frozenset(
     {*TYPE2_PATIENT_STUDY_KEYWORDS, "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"}
 )
 _CHECKED_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UI"})  # string-valued
+_PIXEL_DATA = Tag("PixelData")
 
 
-def encoding_source(source: Dataset) -> Dataset:
-    """Return ``source``, or a copy of it that highdicom can encode results for.
+class EncodingSource(Dataset):
+    """The source image's header as the encoders use it, made by :func:`encoding_source`."""
+
+    #: What results are measured with (:func:`node.imaging.pixel_spacing_mm`); None: no usable spacing.
+    spacing: PixelSpacing | None = None
+
+
+def encoding_source(source: Dataset) -> EncodingSource:
+    """Return the header of ``source`` that highdicom can encode results for (``source`` itself
+    when it is one already).
 
     Raises:
         ValueError: the source lacks a SOP Class, SOP Instance, Study or
             Series Instance UID (results could not reference it or file
             into its study).
     """
+    if isinstance(source, EncodingSource):
+        return source
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         if not source.get(keyword):
             raise ValueError(f"the source image has no {keyword}")
     missing = [keyword for keyword in TYPE2_PATIENT_STUDY_KEYWORDS if keyword not in source]
-    left_out = {element.tag for element in source if _is_invalid_optional(element)}
+    left_out = {element.tag for element in source if _is_invalid_optional(element)} | {_PIXEL_DATA}
     if "PixelSpacing" in source and spacing_attribute_mm(source, "PixelSpacing") is None:
         left_out.add(source["PixelSpacing"].tag)
     # A malformed Type 2 value (a birth date "12/04/1936", a date stored with a binary VR, two
     # patient names) would stop highdicom: such a value is repaired in the copy, see _repair.
     repaired = {e.keyword: _repair(e) for e in source
                 if e.keyword in TYPE2_PATIENT_STUDY_KEYWORDS and not e.is_empty and _malformed(e)}
-    if not missing and not left_out and not repaired:
-        return source
-    copy = Dataset()
+    copy = EncodingSource()
+    copy.spacing = pixel_spacing_mm(source)
     for element in source:
         if element.tag not in left_out and element.keyword not in repaired:
             copy.add(element)

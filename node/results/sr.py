@@ -63,7 +63,7 @@ from node.imaging import spacing_attribute_mm
 from .algorithm import ResultAlgorithms
 from .device import DEFAULT_DEVICE, NodeDevice
 from .measure import LUNG_SIDES
-from .outline import mask_outline
+from .outline import mask_bounds, mask_outline
 from .seg import LUNG_SEGMENTS, LungSegment
 from .source import encoding_source, no_identifier_warnings
 from .uids import derive_uid, result_uids
@@ -352,11 +352,13 @@ def _outline_group(
 
 def _label_anchor(lung_masks: Mapping[str, np.ndarray], shape: tuple[int, int]) -> np.ndarray:
     """(column, row) above the middle of the lungs (the image centre when both are empty)."""
-    both = np.logical_or(*(np.asarray(lung_masks[side], dtype=bool) for side in LUNG_SIDES))
-    if not both.any():
+    bounds = [b for b in (mask_bounds(np.asarray(lung_masks[side], dtype=bool)) for side in LUNG_SIDES)
+              if b is not None]
+    if not bounds:
         return np.array([shape[1] / 2, shape[0] / 2], dtype=np.float32)
-    rows, columns = np.nonzero(both)
-    return np.array([(columns.min() + columns.max() + 1) / 2, rows.min() + 0.5], dtype=np.float32)
+    top = min(rows.start for rows, _ in bounds)
+    first, last = min(columns.start for _, columns in bounds), max(columns.stop for _, columns in bounds)
+    return np.array([(first + last) / 2, top + 0.5], dtype=np.float32)
 
 
 def _has_image_library_descriptors(source: Dataset) -> bool:

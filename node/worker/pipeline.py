@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset
 from node.archive import check_uid
 from node.errors import EncodingError, RejectedInput
 from node.http import metrics
-from node.imaging import UnreadablePixels, display_pixels, patient_left_on_image_right, pixel_spacing_mm
+from node.imaging import UnreadablePixels, display_pixels, patient_left_on_image_right
 from node.loop import describe
 from node.results import verify
 from node.results.algorithm import ResultAlgorithms
@@ -37,6 +37,7 @@ from node.results.device import NodeDevice, device_for
 from node.results.measure import lung_areas_mm2
 from node.results.sc import build_secondary_capture
 from node.results.seg import build_segmentation
+from node.results.source import encoding_source
 from node.results.sr import build_report
 from node.settings import Settings
 from node.worker import shadow as shadow_mode
@@ -92,7 +93,8 @@ def load(path: Path) -> Dataset:
 
 
 def prepare_source(ds: Dataset) -> None:
-    """Make the header usable by the result encoders, or reject it with the reason.
+    """Make the header usable by the result encoders, or reject it with the reason (the rest of
+    the mending, which cannot reject, is :func:`node.results.source.encoding_source`'s, once a job).
 
     * Study, Series and SOP Instance UID must be valid UIDs: the results reference the source
       and file into its study (the listener checks this too; an archive written by an older
@@ -323,26 +325,27 @@ class Pipeline:
         inferred = time.perf_counter()
         metrics.observe_stage("inference", inferred - started)
         left, right = patient_sides(ds, analysis)
-        spacing = pixel_spacing_mm(ds)
-        areas = lung_areas_mm2(left, right, spacing) if spacing is not None else None
-        omission = None if spacing is not None else (
-            "no usable Imager Pixel Spacing or Pixel Spacing in the source image")
         algorithms = ResultAlgorithms.from_model_identities(analysis.segmenter, analysis.tb_model)
         kinds = self.output_kinds
         try:
+            source = encoding_source(ds)  # mended once: every result is encoded from this header
+            spacing = source.spacing
+            areas = lung_areas_mm2(left, right, spacing) if spacing is not None else None
+            omission = None if spacing is not None else (
+                "no usable Imager Pixel Spacing or Pixel Spacing in the source image")
             datasets = []
             if "seg" in kinds or "sr" in kinds:
-                seg = build_segmentation(ds, left, right, algorithms.segmenter, device=self.device)
+                seg = build_segmentation(source, left, right, algorithms.segmenter, device=self.device)
                 if "seg" in kinds:
                     datasets.append(("seg", seg))
                 if "sr" in kinds:
                     datasets.append(("sr", build_report(
-                        ds, seg, tb_score=analysis.tb_score, threshold=self.tb_threshold,
+                        source, seg, tb_score=analysis.tb_score, threshold=self.tb_threshold,
                         lung_masks={"left": left, "right": right}, areas_mm2=areas,
                         area_omission_reason=omission, algorithms=algorithms, device=self.device)))
             if "sc" in kinds:
                 datasets.append(("sc", build_secondary_capture(
-                    ds, pixels, left, right, patient_left_on_image_right=patient_left_on_image_right(ds),
+                    source, pixels, left, right, patient_left_on_image_right=patient_left_on_image_right(ds),
                     tb_score=analysis.tb_score, threshold=self.tb_threshold, algorithms=algorithms,
                     device=self.device)))
             results = tuple(EncodedObject(kind, str(obj.SOPClassUID), str(obj.SOPInstanceUID), verify.reread(obj))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models import data, metrics
+from models import data, metrics, transforms
 from models.inference import LungAnalysis, LungAnalyzer
 from tests.models.helpers import upscale_nearest
 
@@ -47,6 +47,21 @@ def test_identities_and_threshold(analyzer, case):
     r = analyzer.analyze(case[0])
     assert r.segmenter.name == "cxrnode-lung-unet" and r.tb_model.name == "cxrnode-tb-scorer"
     assert 0 < analyzer.tb_threshold < 1 and analyzer.device == "cpu"
+
+
+def test_lungs_are_split_once_with_the_numbers_of_the_separate_steps(analyzer, case, monkeypatch):
+    image = case[0]
+    net_image = transforms.preprocess(image, analyzer.seg_size)
+    prob = analyzer.lung_probabilities(net_image)
+    lungs = transforms.probabilities_to_masks(prob, image.shape, analyzer.seg_threshold)
+    score = analyzer.tb_probability(net_image, prob)
+    splits = []
+    split = transforms.split_lungs
+    monkeypatch.setattr(transforms, "split_lungs", lambda mask: splits.append(mask) or split(mask))
+    r = analyzer.analyze(image)
+    assert len(splits) == 1  # the masks and the TB scorer's crop share one split
+    assert r.tb_score == score
+    assert np.array_equal(r.image_left, lungs.image_left) and np.array_equal(r.image_right, lungs.image_right)
 
 
 def test_resunet_loads_and_segments(case):

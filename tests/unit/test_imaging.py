@@ -10,6 +10,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEGLSLossless, JPEGLSNearLossless, RLELossless
 
+from node import imaging
 from node.imaging import (
     PixelSpacing,
     UnreadablePixels,
@@ -92,6 +93,51 @@ class TestDisplayPixels:
     def test_constant_image_is_zero(self) -> None:
         pixels = display_pixels(make_dx(np.full((8, 8), 100.0), size=None))
         assert (pixels == 0).all()
+
+
+def folding_modality_lut(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """A Modality LUT that rises and falls again (not monotonic), replacing the rescale."""
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.add_new(0x00283006, "US", [int(65535 * abs(np.sin(i / 700))) for i in range(4096)])
+    item.ModalityLUTType = "US"
+    ds.ModalityLUTSequence = [item]
+    del ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType
+    return ds
+
+
+def full_range_signed(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The ramp stored as signed 16-bit values from -32768 to 32767 (pixel offsets wrap around)."""
+    values = np.interp(ds.pixel_array, (ds.pixel_array.min(), ds.pixel_array.max()), (-32768, 32767))
+    ds.PixelData, ds.PixelRepresentation = values.astype(np.int16).tobytes(), 1
+    ds.WindowCenter, ds.WindowWidth = "0", "60000"
+    return ds
+
+
+class TestValueTable:
+    """display_pixels maps each possible stored value once and looks the pixels up: the numbers
+    must be those of the per-pixel arithmetic, whatever the LUTs."""
+
+    @pytest.mark.parametrize("make", [
+        lambda: small_dx(),
+        lambda: small_dx(photometric="MONOCHROME1", bits_stored=16),
+        lambda: folding_modality_lut(small_dx(window=False)),
+        lambda: full_range_signed(small_dx(bits_stored=16)),
+        lambda: pydicom.dcmread(get_testdata_file("vlut_04.dcm", download=False)),
+        lambda: pydicom.dcmread(get_testdata_file("MR_small_bigendian.dcm", download=False)),
+    ], ids=["window", "monochrome1", "folding-modality-lut", "signed-full-range", "voi-lut-sequence", "big-endian"])
+    def test_gives_the_per_pixel_numbers(self, make) -> None:
+        ds = make()
+        assert imaging._stored_value_table(ds.pixel_array) is not None
+        per_pixel = imaging._displayed(make().pixel_array, make())
+        table = display_pixels(ds)
+        assert table.dtype == per_pixel.dtype == np.float32
+        assert np.array_equal(table, per_pixel)
+
+    def test_sigmoid_voi_gives_the_per_pixel_numbers(self) -> None:
+        ds = small_dx()
+        ds.VOILUTFunction = "SIGMOID"
+        assert np.array_equal(display_pixels(copy.deepcopy(ds)), imaging._displayed(ds.pixel_array, ds))
 
 
 class TestCompressedSources:

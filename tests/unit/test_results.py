@@ -25,6 +25,7 @@ from node.results import (
     lung_areas_mm2,
     reread,
     result_uids,
+    verify,
 )
 from node.results.seg import DISPLAY_ORIENTATION, NOMINAL_SPACING_COMMENT, segmentation_type_for
 from node.results.sr import AREA, COMMENT, OHIF_ARROW, OHIF_FREEHAND, TB_SCORE, TB_SCREENING_RESULT
@@ -224,6 +225,17 @@ class TestSegmentation:
         assert seg.ImageComments == NOMINAL_SPACING_COMMENT
         assert list(seg.PatientOrientation) == ["L", "F"]
 
+    @pytest.mark.parametrize("case", ["small", "nema"])
+    def test_frames_are_the_masks_and_segments_do_not_overlap(self, case: str, small_dx: Dataset,
+                                                               nema_case: dict) -> None:
+        if case == "small":
+            left, right = ellipse_masks(small_dx.Rows, small_dx.Columns)
+            seg, overlap, scale = build_segmentation(small_dx, left, right, ALGORITHMS.segmenter), "NO", 1
+        else:
+            left, right, seg, overlap, scale = nema_case["left"], nema_case["right"], nema_case["seg"], "UNDEFINED", 255
+        assert seg.SegmentsOverlap == overlap  # FRACTIONAL 0/255 frames are left UNDEFINED by highdicom
+        assert np.array_equal(seg.pixel_array, np.stack([left, right]).astype(np.uint8) * scale)
+
     def test_wrong_shape_is_refused(self, small_dx: Dataset) -> None:
         with pytest.raises(ValueError, match="shape"):
             build_segmentation(small_dx, np.zeros((10, 10), bool), np.zeros((10, 10), bool), ALGORITHMS.segmenter)
@@ -394,18 +406,49 @@ class TestReread:
         with pytest.raises(UnreadableResult):
             reread(seg)
 
-    def test_broken_sr_raises(self, small_dx: Dataset) -> None:
+    @pytest.fixture
+    def small_sr(self, small_dx: Dataset) -> Dataset:
         left, right = ellipse_masks(small_dx.Rows, small_dx.Columns)
         seg = build_segmentation(small_dx, left, right, ALGORITHMS.segmenter)
-        sr = copy.deepcopy(
-            build_report(
-                small_dx, seg, tb_score=0.3, threshold=0.5, lung_masks={"left": left, "right": right},
-                areas_mm2=None, area_omission_reason="x", algorithms=ALGORITHMS,
-            )
-        )
-        sr.ContentSequence[0].ValueType = "NUM"
-        with pytest.raises(UnreadableResult):
-            reread(sr)
+        return copy.deepcopy(build_report(
+            small_dx, seg, tb_score=0.3, threshold=0.5, lung_masks={"left": left, "right": right},
+            areas_mm2=None, area_omission_reason="x", algorithms=ALGORITHMS,
+        ))
+
+    def test_sr_without_content_raises(self, small_sr: Dataset) -> None:
+        del small_sr.ContentSequence
+        with pytest.raises(UnreadableResult, match="content items"):
+            reread(small_sr)
+
+    def test_sr_whose_bytes_lose_content_raises(self, small_sr: Dataset, monkeypatch) -> None:
+        encode = verify.encode
+
+        def losing_the_last_item(ds: Dataset) -> bytes:
+            damaged = copy.deepcopy(ds)
+            del damaged.ContentSequence[-1]
+            return encode(damaged)
+
+        monkeypatch.setattr(verify, "encode", losing_the_last_item)
+        with pytest.raises(UnreadableResult, match="content items"):
+            reread(small_sr)
+
+    def test_sr_whose_bytes_name_another_instance_raises(self, small_sr: Dataset, monkeypatch) -> None:
+        encode = verify.encode
+
+        def renamed(ds: Dataset) -> bytes:
+            other = copy.deepcopy(ds)
+            other.SOPInstanceUID = "1.2.3.4"
+            return encode(other)
+
+        monkeypatch.setattr(verify, "encode", renamed)
+        with pytest.raises(UnreadableResult, match="SOP Instance UID"):
+            reread(small_sr)
+
+    def test_sr_that_cannot_be_encoded_raises(self, small_sr: Dataset) -> None:
+        with pytest.warns(UserWarning, match="cannot be assigned"):
+            small_sr.ContentSequence[0].add_new(0x0040A30A, "US", "not a number")  # a binary VR holding text
+        with pytest.raises(UnreadableResult, match="does not re-read"):
+            reread(small_sr)
 
 
 def test_malformed_birth_date_is_copied_empty_and_results_stay_valid() -> None:
@@ -425,6 +468,69 @@ def test_malformed_birth_date_is_copied_empty_and_results_stay_valid() -> None:
                              Algorithm("cxrnode-lung-unet", "1.0.0", "0" * 64))
     assert seg.PatientBirthDate == ""
     assert dciodvfy_errors(seg) == []
+
+
+class TestEncodingSource:
+    """The header every result of a job is encoded from: made once, used as it is by each encoder."""
+
+    def test_is_the_header_with_its_measuring_spacing(self, small_dx: Dataset) -> None:
+        from node.results.source import EncodingSource, encoding_source
+
+        header = encoding_source(small_dx)
+        assert isinstance(header, EncodingSource) and "PixelData" not in header and "PixelData" in small_dx
+        assert header.spacing == pixel_spacing_mm(small_dx)
+        assert header.SOPInstanceUID == small_dx.SOPInstanceUID and header.file_meta is small_dx.file_meta
+        assert encoding_source(header) is header
+
+    def test_no_usable_spacing_is_none(self, nema_case: dict) -> None:
+        from node.results.source import encoding_source
+
+        header = encoding_source(nema_case["source"])
+        assert header.spacing is None and "PixelSpacing" not in header
+
+    def test_encoders_give_the_same_results_from_it(self, small_dx: Dataset) -> None:
+        from node.results.source import encoding_source
+
+        left, right = ellipse_masks(small_dx.Rows, small_dx.Columns)
+        header = encoding_source(small_dx)
+        from_source = build_segmentation(small_dx, left, right, ALGORITHMS.segmenter)
+        from_header = build_segmentation(header, left, right, ALGORITHMS.segmenter)
+        assert np.array_equal(from_source.pixel_array, from_header.pixel_array)
+        assert from_header.SOPInstanceUID == from_source.SOPInstanceUID
+        assert from_header.SharedFunctionalGroupsSequence == from_source.SharedFunctionalGroupsSequence
+        report = {"tb_score": 0.3, "threshold": 0.5, "lung_masks": {"left": left, "right": right},
+                  "areas_mm2": lung_areas_mm2(left, right, header.spacing), "area_omission_reason": None,
+                  "algorithms": ALGORITHMS}
+        assert build_report(header, from_header, **report).ContentSequence == \
+            build_report(small_dx, from_source, **report).ContentSequence
+
+
+class TestOutline:
+    """Outlines are traced on each mask's bounding box: the points must be those of the whole mask."""
+
+    @staticmethod
+    def whole_mask_outline(mask: np.ndarray) -> np.ndarray:
+        from skimage import measure
+
+        contours = measure.find_contours(np.pad(mask, 1).astype(np.float32), 0.5)
+        longest = max(contours, key=lambda c: abs(np.dot(c[:, 1], np.roll(c[:, 0], 1))
+                                                  - np.dot(c[:, 0], np.roll(c[:, 1], 1))))
+        simplified = measure.approximate_polygon(longest, tolerance=1.0) - 1.0
+        points = np.stack([simplified[:, 1] + 0.5, simplified[:, 0] + 0.5], axis=1)
+        points = np.clip(points, 0.0, [mask.shape[1], mask.shape[0]])
+        if not np.array_equal(points[0], points[-1]):
+            points = np.vstack([points, points[:1]])
+        return points.astype(np.float32)
+
+    @pytest.mark.parametrize("case", ["ellipse", "touches-borders", "two-blobs", "one-pixel", "jagged"])
+    def test_bounding_box_gives_the_whole_mask_outline(self, case: str) -> None:
+        from node.results.outline import mask_outline
+
+        left, right = ellipse_masks(300, 260)
+        mask = {"ellipse": left, "touches-borders": np.pad(np.ones((120, 100), bool), ((0, 180), (160, 0))),
+                "two-blobs": left | right, "one-pixel": np.eye(300, 260, k=40, dtype=bool) & (np.arange(260) == 90),
+                "jagged": left & (np.random.default_rng(0).random((300, 260)) < 0.8)}[case]
+        np.testing.assert_array_equal(mask_outline(mask), self.whole_mask_outline(mask))
 
 
 class TestViewerGeometry:
