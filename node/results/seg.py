@@ -149,6 +149,8 @@ def build_segmentation(
     orientation = Dataset()
     orientation.ImageOrientationPatient = list(_display_orientation(source))
     seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence = [orientation]
+    _fix_dimension_organization_uid(seg, derive_uid(source.SOPInstanceUID, "seg", "dimension-organization",
+                                                    algorithm.uid_key, root=device.uid_root))
     if spacing is None:
         seg.ImageComments = NOMINAL_SPACING_COMMENT
     # highdicom leaves out Patient Orientation for projection sources, but the
@@ -159,6 +161,14 @@ def build_segmentation(
         modifier = hd.sr.CodedConcept.from_code(segment.laterality)
         item.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [modifier]
     return seg
+
+
+def _fix_dimension_organization_uid(seg: Dataset, uid: str) -> None:
+    """Give the SEG's dimension organization ``uid`` (derived like its other UIDs) in place of the
+    random one highdicom draws: a SEG encoded again (a retry after a crash) is then the same
+    object, UID for UID, as the one a PACS may already hold."""
+    for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
+        item.DimensionOrganizationUID = uid
 
 
 def _encode(

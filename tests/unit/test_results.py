@@ -352,6 +352,18 @@ class TestReport:
             build_report(small_dx, seg, algorithms=ALGORITHMS, **arguments)
 
 
+def every_uid(ds: Dataset, path: str = "") -> dict[str, str]:
+    """Each UI element of ``ds``, nested ones included, by its path."""
+    found: dict[str, str] = {}
+    for element in ds:
+        if element.VR == "SQ":
+            for index, item in enumerate(element.value):
+                found |= every_uid(item, f"{path}{element.keyword}[{index}].")
+        elif element.VR == "UI":
+            found[path + element.keyword] = str(element.value)
+    return found
+
+
 class TestUIDs:
     def test_same_inputs_give_the_same_uids(self, small_dx: Dataset) -> None:
         left, right = ellipse_masks(small_dx.Rows, small_dx.Columns)
@@ -368,6 +380,8 @@ class TestUIDs:
         )
         all_uids = {first.SOPInstanceUID, first.SeriesInstanceUID, sr_first.SOPInstanceUID, sr_first.SeriesInstanceUID}
         assert len(all_uids) == 4
+        # every UID in the objects, not only the identifying ones (highdicom draws some at random)
+        assert every_uid(first) == every_uid(again) and every_uid(sr_first) == every_uid(sr_again)
 
     def test_new_model_version_gives_new_uids(self, small_dx: Dataset) -> None:
         newer = Algorithm.from_model_identity(ModelIdentity(SEGMENTER.name, "0.2.0", SEGMENTER.sha256))
