@@ -4,7 +4,8 @@ Log lines carry UIDs, job ids and AE titles, never patient identifiers: no modul
 patient's name, ID, birth date or accession number, and the tests scan the logs for them.
 Libraries do quote header values in some messages (pydicom's "Unable to convert '<birth date>'
 to 'DA' object", highdicom's person-name warning): every line, traceback and captured warning
-passes through :func:`redact` before it is written.
+passes through :func:`redact` before it is written, which also masks the password of any
+``scheme://user:password@host`` URL (``[queue] url``) a message might quote.
 
 The log folder is 0700 and every log file, rotated ones included, 0600.
 """
@@ -32,6 +33,8 @@ _VALUE_QUOTING = (
      rf"\1{REDACTED}\2"),
     # highdicom.valuerep: 'The string "NAME" is unlikely to represent the intended person name'
     (re.compile(r"(The string )\"[^\n]*\"( is unlikely to represent)"), rf"\1{REDACTED}\2"),
+    # a database URL's password ([queue] url), should a library quote the URL
+    (re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@"), r"\1***@"),
 )
 
 

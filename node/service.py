@@ -40,7 +40,7 @@ from node.queue.db import Database
 from node.scp import server as scp_server
 from node.sender.runner import Sender
 from node.settings import Settings
-from node.wakeups import Wakeups
+from node.wakeups import wakeups_for
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,12 @@ class Service:
         self.settings = settings
         self.listen, self.work = listen, work
         self.stop = threading.Event()
-        #: the bells between listener, worker and sender (node.wakeups); rung on stop too
-        self.wakeups = Wakeups()
         self._signals = 0
-        self.db = Database(settings.data_path)
+        self.db = Database.for_settings(settings)
+        log.info("queue: %s", self.db.describe())
+        #: the bells between listener, worker and sender (node.wakeups), across processes on a
+        #: PostgreSQL queue; rung on stop too
+        self.wakeups = wakeups_for(self.db)
         self.archive = Archive(settings.data_path)
         self.ae = None
         self.server = None
@@ -168,5 +170,6 @@ class Service:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
         self.http.stop()
+        self.wakeups.close()
         self.db.dispose()
         log.info("cxrnode stopped")

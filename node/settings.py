@@ -8,6 +8,9 @@ file when ``--config`` is not given. Destinations come only from the file.
 Everything is validated when it loads: an unknown key, a wrong type, an AE title over 16
 characters or a port out of range raises :class:`SettingsError` whose message names the key,
 so a bad config stops start-up before anything listens.
+
+Secrets (``[web] token``, the password in ``[queue] url``) are never shown: ``cxrnode config
+check`` prints them withheld or masked, and their environment variables keep them out of the file.
 """
 
 from __future__ import annotations
@@ -129,6 +132,62 @@ class NodeSettings:
             raise SettingsError("node.min_free_disk_mb: may not be negative")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError(f"node.log_level: unknown level {self.log_level!r}")
+
+
+#: The one database scheme ``[queue] url`` takes besides "" (SQLAlchemy's name for PostgreSQL via psycopg 3).
+POSTGRESQL_SCHEME = "postgresql+psycopg"
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for ``cxrnode config check`` and logs)."""
+    return re.sub(r"^([^:/?#]+://[^:/@]*:).*@", r"\1***@", url)  # to the last @: rather too much than too little
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """Where the job queue lives (:mod:`node.queue.db`).
+
+    Empty (the default): the SQLite file ``queue.sqlite3`` in ``node.data_dir``, embedded, for a
+    node on one machine. ``postgresql+psycopg://user:password@host:port/database``: a PostgreSQL
+    server shared by several processes or hosts (receivers, workers, senders); the schema is
+    migrated at start-up and by ``cxrnode db upgrade``, and the stages wake each other across
+    processes with ``LISTEN``/``NOTIFY`` (:mod:`node.wakeups`). The password is never printed
+    (:func:`mask_url`); ``CXRNODE_QUEUE_URL`` keeps it out of the file.
+    """
+
+    url: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        url = self.url.strip()
+        object.__setattr__(self, "url", url)
+        if url:
+            check_queue_url("queue.url", url)
+
+    @property
+    def masked_url(self) -> str:
+        """The URL as it may be shown: without the password."""
+        return mask_url(self.url)
+
+
+def check_queue_url(key: str, url: str) -> str:
+    """``url`` if it names a PostgreSQL database through psycopg 3, else raise naming ``key``
+    (without quoting the URL: it may hold a password)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    usage = f'use "" (SQLite in node.data_dir) or {POSTGRESQL_SCHEME}://user:password@host:port/database'
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        raise SettingsError(f"{key}: not a database URL; {usage}")
+    if scheme != POSTGRESQL_SCHEME:
+        raise SettingsError(f"{key}: scheme {scheme!r} is not supported; {usage}")
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise SettingsError(f"{key}: {mask_url(url)!r} cannot be parsed; {usage}") from None
+    if not parsed.database:
+        raise SettingsError(f"{key}: names no database; {usage}")
+    return url
 
 
 @dataclass(frozen=True)
@@ -439,6 +498,7 @@ class Settings:
     """Everything the node needs, validated; handed down explicitly to each component."""
 
     node: NodeSettings = field(default_factory=NodeSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     models: ModelsSettings = field(default_factory=ModelsSettings)
@@ -491,6 +551,7 @@ class Settings:
 
 _SECTIONS: dict[str, type] = {
     "node": NodeSettings,
+    "queue": QueueSettings,
     "tls": TlsSettings,
     "worker": WorkerSettings,
     "models": ModelsSettings,
@@ -618,6 +679,7 @@ def describe(settings: Settings) -> dict[str, Any]:
     out = dataclasses.asdict(settings)
     if out["web"]["token"]:
         out["web"]["token"] = "(set, not shown)"
+    out["queue"]["url"] = settings.queue.masked_url
     return _tuples_to_lists(out)
 
 
@@ -630,7 +692,8 @@ def _tuples_to_lists(value: Any) -> Any:
 
 
 __all__ = [
-    "AcceptanceSettings", "DatasetSettings", "Destination", "HousekeepingSettings", "HttpSettings", "ModelsSettings", "NodeSettings", "RetentionSettings",
+    "AcceptanceSettings", "DatasetSettings", "Destination", "HousekeepingSettings", "HttpSettings", "ModelsSettings", "NodeSettings", "QueueSettings",
+    "RetentionSettings",
     "SendSettings",
     "Settings", "SettingsError", "TlsSettings", "WebSettings", "WorkerSettings", "load_settings", "describe",
 ]

@@ -1,18 +1,23 @@
-"""Real servers on loopback for the tests: an Orthanc PACS and the cxrnode process itself.
+"""Real servers on loopback for the tests: an Orthanc PACS, a PostgreSQL server and the cxrnode
+process itself.
 
-Nothing here is a mock: Orthanc is the Debian ``orthanc`` package, the node is ``python -m node
-serve`` in a subprocess with the real networks on the CPU.
+Nothing here is a mock: Orthanc is the Debian ``orthanc`` package, PostgreSQL the Debian
+``postgresql`` package's binaries, the node is ``python -m node serve`` in a subprocess with the
+real networks on the CPU.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -168,6 +173,95 @@ class Orthanc:
     def delete_all(self) -> None:
         for patient in self.get("/patients"):
             self._request("DELETE", f"/patients/{patient}")
+
+
+def postgresql_bin() -> Path:
+    """The folder of the newest PostgreSQL server binaries (Debian: ``/usr/lib/postgresql/<v>/bin``)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
+    initdb = found[-1] if found else shutil.which("initdb")
+    if not initdb:
+        raise RuntimeError("PostgreSQL is not installed (Debian package 'postgresql'; scripts/test installs it)")
+    return Path(initdb).parent
+
+
+@dataclass
+class PostgreSQL:
+    """A throw-away PostgreSQL server on ``127.0.0.1:port``: its own cluster in a temporary folder,
+    a superuser ``cxrnode`` with a random password (password authentication over TCP, as a real
+    deployment), no durability (``fsync=off``: the tests' data need not survive power loss).
+
+    ``initdb`` refuses to run as root: as root the server runs as Debian's ``postgres`` user, in
+    a folder under ``/tmp`` that user owns (pytest's own temporary folders are root's, 0700).
+    """
+
+    port: int = field(default_factory=free_port)
+    user: str = "cxrnode"
+    password: str = field(default_factory=lambda: secrets.token_hex(12))
+    workdir: Path | None = None
+
+    @property
+    def _as_owner(self) -> list[str]:
+        return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    @property
+    def data(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir / "data"
+
+    def url(self, database: str = "postgres") -> str:
+        """The ``[queue] url`` of ``database`` on this server."""
+        return f"postgresql+psycopg://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
+
+    def _run(self, *command: str) -> None:
+        done = subprocess.run([*self._as_owner, *command], capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{Path(command[0]).name} failed ({done.returncode}): {done.stderr.strip()}")
+
+    def start(self) -> PostgreSQL:
+        """Create the cluster and start the server; returns once it accepts connections."""
+        bin_dir = postgresql_bin()
+        self.workdir = Path(tempfile.mkdtemp(prefix="cxrnode-pg-"))
+        password_file = self.workdir / "password"
+        password_file.write_text(self.password + "\n")
+        if os.geteuid() == 0:
+            shutil.chown(self.workdir, "postgres", "postgres")
+            shutil.chown(password_file, "postgres", "postgres")
+        self._run(str(bin_dir / "initdb"), "-D", str(self.data), "-U", self.user, f"--pwfile={password_file}",
+                  "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-locale", "--no-sync")
+        password_file.unlink()
+        self._pg_ctl("start")
+        return self
+
+    def _pg_ctl(self, action: str) -> None:
+        options = (f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c fsync=off "
+                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300")
+        self._run(str(postgresql_bin() / "pg_ctl"), "-D", str(self.data), "-l", str(self.workdir / "server.log"),
+                  "-o", options, "-m", "fast", "-w", "-t", "60", action)
+
+    def restart(self) -> None:
+        """Stop and start the server (every connection to it is closed): the reconnect tests."""
+        self._pg_ctl("restart")
+
+    def execute(self, sql: str, database: str = "postgres") -> None:
+        """Run one statement outside a transaction (``CREATE DATABASE`` needs that)."""
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
+                             dbname=database, autocommit=True) as connection:
+            connection.execute(sql)
+
+    def stop(self) -> None:
+        if self.workdir is None:
+            return
+        if (self.data / "postmaster.pid").exists():
+            self._pg_ctl("stop")
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.workdir = None
+
+
+def queue_config(url: str) -> str:
+    """The ``[queue]`` section of a test's config file for ``url`` (none for SQLite: the default)."""
+    return f'[queue]\nurl = "{url}"\n' if url else ""
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any
 from node.cli.render import age, emit, human_bytes, iso, table
 from node.errors import NodeError
 from node.queue import repository
-from node.queue.db import Database
+from node.queue.db import DATABASE_FILE, Database
 from node.queue.states import JobStatus
 from node.queue.tables import Job
 from node.settings import Settings, load_settings
@@ -19,9 +19,9 @@ from node.settings import Settings, load_settings
 
 def _db(args: argparse.Namespace) -> Database:
     settings = load_settings(args.config)
-    if not (settings.data_path / "queue.sqlite3").exists():
+    if not settings.queue.url and not (settings.data_path / DATABASE_FILE).exists():
         raise NodeError(f"no queue database in {settings.data_path} (has the node run yet?)")
-    return Database(settings.data_path)
+    return Database.for_settings(settings)
 
 
 #: ``cxrnode status`` measures the intake (bytes received per day) over this many days.

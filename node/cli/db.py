@@ -1,4 +1,5 @@
-"""``cxrnode db upgrade``: apply the queue's schema migrations (the node also does this at start-up)."""
+"""``cxrnode db upgrade``: apply the queue's schema migrations (the node also does this at start-up),
+on the SQLite file in the data folder or the PostgreSQL database of ``[queue] url``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from node.settings import load_settings
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    engine = make_engine(settings.data_path, upgrade_schema=False)
+    engine = make_engine(settings.data_path, url=settings.queue.url, upgrade_schema=False)
     try:
         before, after = migrate.upgrade(engine)
     finally:

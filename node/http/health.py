@@ -9,7 +9,8 @@
   - ``started``: start-up finished and no stop was asked for;
   - ``models``: the networks are loaded (processes that work only);
   - ``database``: the queue database opens, answers a read, and takes the write lock
-    (``BEGIN IMMEDIATE``, rolled back: nothing is written), within 2 s;
+    (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: ``LOCK TABLE jobs IN ROW EXCLUSIVE MODE``, what
+    every write takes, refused by a read-only server; rolled back: nothing is written), within 2 s;
   - ``archive``: a file can be created, written, fsync'd and removed in ``archive/tmp``, where
     every archived object starts;
   - ``disk``: free space of the data folder is at least ``node.min_free_disk_mb`` (below it
@@ -26,10 +27,14 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from node.archive import Archive
 from node.http import metrics
 from node.queue.db import DATABASE_FILE
+
+if TYPE_CHECKING:
+    from node.queue.db import Database
 
 #: How long the database check waits for the write lock (a busy node holds it for milliseconds).
 DATABASE_TIMEOUT_S = 2.0
@@ -44,11 +49,14 @@ class Check:
     detail: str
 
 
-def check_database(data_path: Path, timeout_s: float = DATABASE_TIMEOUT_S) -> str:
-    """Open the queue database read-write (never creating it), read it and take its write lock.
+def check_database(data_path: Path, timeout_s: float = DATABASE_TIMEOUT_S, db: Database | None = None) -> str:
+    """Open the queue database read-write (never creating it), read it and take its write lock:
+    the SQLite file in ``data_path``, or ``db``'s PostgreSQL database on a connection of its own.
 
-    Returns a short description; raises (``sqlite3.Error``, ``OSError``) when it fails.
+    Returns a short description; raises (``sqlite3.Error``, ``psycopg.Error``, ``OSError``) when it fails.
     """
+    if db is not None and db.dialect == "postgresql":
+        return _check_postgresql(db, timeout_s)
     uri = (data_path / DATABASE_FILE).resolve().as_uri() + "?mode=rw"
     connection = sqlite3.connect(uri, uri=True, timeout=timeout_s, isolation_level=None)
     try:
@@ -58,6 +66,19 @@ def check_database(data_path: Path, timeout_s: float = DATABASE_TIMEOUT_S) -> st
     finally:
         connection.close()
     return "answers and takes the write lock"
+
+
+def _check_postgresql(db: Database, timeout_s: float) -> str:
+    from node.queue.db import psycopg_connect
+
+    millis = max(1, int(timeout_s * 1000))
+    with psycopg_connect(db.engine, connect_timeout=max(1, round(timeout_s))) as connection:
+        connection.execute(f"SET LOCAL lock_timeout = {millis}")  # a lock not granted: "lock timeout"
+        connection.execute(f"SET LOCAL statement_timeout = {2 * millis}")
+        connection.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
+        connection.execute("LOCK TABLE jobs IN ROW EXCLUSIVE MODE")
+        connection.rollback()
+    return "answers and takes the write lock (PostgreSQL)"
 
 
 def check_archive(archive: Archive) -> str:
@@ -76,8 +97,10 @@ class NodeHealth:
     """What one process knows of its own health; the HTTP routes only render it."""
 
     def __init__(self, *, data_path: Path, archive: Archive, min_free_bytes: int, work: bool,
-                 threads: Callable[[], Iterable[threading.Thread]], stop: threading.Event) -> None:
+                 threads: Callable[[], Iterable[threading.Thread]], stop: threading.Event,
+                 db: Database | None = None) -> None:
         self.data_path, self.archive, self.min_free_bytes = data_path, archive, min_free_bytes
+        self.db = db  # its PostgreSQL database is checked; None or SQLite: the file in data_path
         self.work = work
         self._threads, self._stop = threads, stop
         self._started = threading.Event()
@@ -108,7 +131,7 @@ class NodeHealth:
             models = metrics.loaded_models()
             results.append(Check("models", models is not None,
                                  f"{models['architecture']} on {models['device']}" if models else "not loaded"))
-        results.append(self._guarded("database", lambda: check_database(self.data_path)))
+        results.append(self._guarded("database", lambda: check_database(self.data_path, db=self.db)))
         results.append(self._guarded("archive", lambda: check_archive(self.archive)))
         results.append(self._check_disk())
         return results

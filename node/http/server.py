@@ -82,7 +82,7 @@ class HttpService:
         self.role = role_of(listen=listen, work=work)
         self.health = NodeHealth(data_path=settings.data_path, archive=archive,
                                  min_free_bytes=settings.node.min_free_disk_mb * 2**20, work=work,
-                                 threads=threads, stop=stop)
+                                 threads=threads, stop=stop, db=db)
         self.address: tuple[str, int] | None = None
         self._server = None
         self._thread: threading.Thread | None = None

@@ -2,6 +2,11 @@
 
 A queue written by cxrnode 0.1.0 has the tables of revision ``0001`` and no
 ``alembic_version``: it is stamped ``0001`` first, then upgraded like any other.
+
+Every revision runs on SQLite and on PostgreSQL (``[queue] url``): batch operations rebuild a
+table only on SQLite and are plain ``ALTER TABLE`` on PostgreSQL; naive UTC timestamps, booleans
+with a ``false()`` server default. On PostgreSQL the upgrade holds an advisory lock, so that
+processes starting together on several hosts upgrade one after the other, not over each other.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from sqlalchemy import Engine, inspect
 __all__ = ["current_revision", "head_revision", "upgrade"]
 
 _PRE_ALEMBIC_REVISION = "0001"
+#: The PostgreSQL advisory lock key that serialises upgrades (any fixed number; "cxrnode" in ASCII).
+_UPGRADE_LOCK = 0x6378726E6F6465
 
 
 def _config(connection=None) -> Config:  # type: ignore[no-untyped-def]
@@ -34,8 +41,9 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
-def upgrade(engine: Engine) -> tuple[str | None, str]:
-    """Bring the schema to the newest revision; returns (revision before, revision after).
+def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
+    """Bring the schema to ``revision`` (the newest by default; an older one only builds the
+    queues of earlier releases in the tests); returns (revision before, revision after).
 
     On SQLite, foreign keys are off while tables are rebuilt (Alembic's batch mode copies a
     table, drops the old one and renames the copy; with foreign keys on, the drop would fail
@@ -48,15 +56,18 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
             connection.commit()
         try:
             with connection.begin():
+                if engine.dialect.name == "postgresql":
+                    connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_UPGRADE_LOCK})")
                 before = MigrationContext.configure(connection).get_current_revision()
                 tables = set(inspect(connection).get_table_names())
                 config = _config(connection)
                 if before is None and "jobs" in tables:
                     command.stamp(config, _PRE_ALEMBIC_REVISION)
                     before = _PRE_ALEMBIC_REVISION
-                command.upgrade(config, "head")
+                command.upgrade(config, revision)
+                after = MigrationContext.configure(connection).get_current_revision()
         finally:
             if sqlite:
                 connection.exec_driver_sql("PRAGMA foreign_keys=ON")
                 connection.commit()
-    return before, head_revision()
+    return before, str(after)

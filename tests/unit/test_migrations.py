@@ -1,4 +1,11 @@
-"""Alembic migrations: a new queue matches the tables, and a queue written by 0.1.0 upgrades losing nothing."""
+"""Alembic migrations: a new queue matches the tables, and a queue written by 0.1.0 upgrades losing
+nothing, on SQLite and on PostgreSQL.
+
+On SQLite the old queue is the file 0.1.0 wrote (tests/data/queues). On PostgreSQL, which 0.1.0 did
+not support, it is built the way that release would have: Alembic's revision ``0001`` (the 0.1.0
+schema) on an empty database, then every row of that same file copied in (jobs in every state,
+their events, deliveries and SEG/SR columns, associations).
+"""
 
 from __future__ import annotations
 
@@ -7,17 +14,21 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import MetaData, create_engine, inspect, select, text
+from sqlalchemy.pool import NullPool
 
 from node.queue import migrate
 from node.queue import repository as repo
-from node.queue.db import DATABASE_FILE, Database
+from node.queue.db import DATABASE_FILE, Database, make_engine
 from node.queue.states import JobStatus
 from node.queue.tables import Base
+from tests.servers import queue_config
 
 V010_QUEUE = Path(__file__).resolve().parents[1] / "data" / "queues" / "v0.1.0.sqlite3"
 REPO = Path(__file__).resolve().parents[2]
@@ -26,9 +37,62 @@ V010_STATES = {1: "processing", 2: "encoded", 3: "sending", 4: "done", 5: "disca
                8: "queued"}
 
 
-def rows(path: Path, sql: str) -> list[tuple]:
-    with sqlite3.connect(path) as connection:
-        return connection.execute(sql).fetchall()
+#: The tables of revision 0001, parents first.
+V010_TABLES = ("instances", "associations", "jobs", "job_events", "deliveries")
+
+
+@dataclass(frozen=True)
+class Queue:
+    """A queue under test: the SQLite file in ``data_dir`` (``url`` empty) or a PostgreSQL database."""
+
+    data_dir: Path
+    url: str = ""
+
+    @property
+    def path(self) -> Path:
+        return self.data_dir / DATABASE_FILE
+
+
+def rows(queue: Queue | Path, sql: str) -> list[tuple]:
+    """The rows ``sql`` reads, on a connection of its own (not the node's engine)."""
+    if isinstance(queue, Path) or not queue.url:
+        with sqlite3.connect(queue if isinstance(queue, Path) else queue.path) as connection:
+            return connection.execute(sql).fetchall()
+    engine = create_engine(queue.url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(text(sql))]
+    finally:
+        engine.dispose()
+
+
+def tables(queue: Queue) -> set[str]:
+    engine = make_engine(queue.data_dir, url=queue.url, upgrade_schema=False)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def v010_on_postgresql(data_dir: Path, url: str) -> None:
+    """The 0.1.0 queue on PostgreSQL: revision 0001, then the rows of the 0.1.0 file."""
+    engine = make_engine(data_dir, url=url, upgrade_schema=False)
+    source = create_engine(f"sqlite:///{old_queue(data_dir / 'source')}", poolclass=NullPool)
+    try:
+        assert migrate.upgrade(engine, "0001") == (None, "0001")
+        schema = MetaData()
+        schema.reflect(engine)
+        with source.connect() as reading, engine.begin() as writing:
+            for name in V010_TABLES:
+                table = schema.tables[name]  # PostgreSQL's column types read the SQLite values
+                copied = [dict(row._mapping) for row in reading.execute(select(table).order_by(table.c.id))]
+                if copied:
+                    writing.execute(table.insert(), copied)
+                writing.execute(text(f"SELECT setval(pg_get_serial_sequence('{name}', 'id'), "
+                                     f"(SELECT coalesce(max(id), 0) + 1 FROM {name}), false)"))
+    finally:
+        source.dispose()
+        engine.dispose()
 
 
 def old_queue(tmp_path: Path) -> Path:
@@ -38,15 +102,39 @@ def old_queue(tmp_path: Path) -> Path:
     return target
 
 
-def test_a_new_queue_is_at_head_and_matches_the_tables(tmp_path: Path) -> None:
-    db = Database(tmp_path)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def old(request: pytest.FixtureRequest, tmp_path: Path) -> Queue:
+    """The queue 0.1.0 wrote, on each backend."""
+    if request.param == "sqlite":
+        old_queue(tmp_path)
+        return Queue(tmp_path)
+    url = str(request.getfixturevalue("empty_postgresql_url"))
+    v010_on_postgresql(tmp_path, url)
+    return Queue(tmp_path, url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty(request: pytest.FixtureRequest, tmp_path: Path) -> Queue:
+    """No queue yet: an empty data folder, or an empty PostgreSQL database."""
+    if request.param == "sqlite":
+        return Queue(tmp_path)
+    return Queue(tmp_path, str(request.getfixturevalue("empty_postgresql_url")))
+
+
+def test_a_new_queue_is_at_head_and_matches_the_tables(empty: Queue) -> None:
+    db = Database(empty.data_dir, empty.url)
     assert migrate.current_revision(db.engine) == migrate.head_revision()
     with db.engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    db.dispose()
 
 
-def test_the_v010_queue_upgrades_with_every_job_event_and_delivery(tmp_path: Path) -> None:
-    path = old_queue(tmp_path)
+def test_the_v010_queue_upgrades_with_every_job_event_and_delivery(old: Queue) -> None:
+    path = old
+    assert rows(path, "SELECT count(*) FROM jobs") == [(len(V010_STATES),)]
+    associations_before = rows(path, "SELECT * FROM associations ORDER BY id")
+    instances_before = rows(path, "SELECT * FROM instances ORDER BY id")
+    assert len(instances_before) == len(V010_STATES)  # (0.1.0 wrote no association rows in the fixture)
     events_before = rows(path, "SELECT job_id, step, outcome, to_status FROM job_events ORDER BY id")
     deliveries_before = rows(path, "SELECT job_id, destination, attempts, delivered_at IS NOT NULL, last_error "
                                    "FROM deliveries ORDER BY id")
@@ -54,7 +142,7 @@ def test_the_v010_queue_upgrades_with_every_job_event_and_delivery(tmp_path: Pat
                                 "WHERE seg_path IS NOT NULL ORDER BY id")
     assert {status for (status,) in rows(path, "SELECT status FROM jobs")} == set(JobStatus)
 
-    db = Database(tmp_path)  # start-up upgrades
+    db = Database(old.data_dir, old.url)  # start-up upgrades
     assert migrate.current_revision(db.engine) == migrate.head_revision()
     with db.engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
@@ -70,11 +158,17 @@ def test_the_v010_queue_upgrades_with_every_job_event_and_delivery(tmp_path: Pat
         assert job.result("seg").sop_class_uid == "1.2.840.10008.5.1.4.1.1.66.4"
         assert job.result("sc") is None
     assert [len(repo.get_job(db, i).results) for i in (1, 5, 7, 8)] == [0, 0, 0, 0]
-    assert rows(path, "PRAGMA foreign_key_check") == []
+    assert rows(path, "SELECT * FROM associations ORDER BY id") == associations_before
+    assert rows(path, "SELECT * FROM instances ORDER BY id") == instances_before
     # 0004: every job is unpinned and unpurged; new jobs get the same defaults
     assert rows(path, "SELECT id, pinned, purged_at FROM jobs ORDER BY id") == [(i, 0, None) for i in V010_STATES]
-    assert {c[1]: (c[2], c[3], c[4]) for c in rows(path, "PRAGMA table_info(jobs)")}["pinned"] == \
-        ("BOOLEAN", 1, "0")  # NOT NULL, default false
+    if old.url:  # PostgreSQL checks foreign keys itself, always
+        assert rows(path, "SELECT data_type, is_nullable, column_default FROM information_schema.columns "
+                          "WHERE table_name = 'jobs' AND column_name = 'pinned'") == [("boolean", "NO", "false")]
+    else:
+        assert rows(path, "PRAGMA foreign_key_check") == []
+        assert {c[1]: (c[2], c[3], c[4]) for c in rows(path, "PRAGMA table_info(jobs)")}["pinned"] == \
+            ("BOOLEAN", 1, "0")  # NOT NULL, default false
     assert repo.set_pinned(db, 4, True) and repo.get_job(db, 4).pinned is True
     # 0005: no delivery has failed for good
     assert rows(path, "SELECT count(*) FROM deliveries WHERE failed_at IS NOT NULL") == [(0,)]
@@ -88,26 +182,33 @@ def test_the_v010_queue_upgrades_with_every_job_event_and_delivery(tmp_path: Pat
     assert repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "new:1:work", 60) == 8
     assert repo.retry(db, 6) == JobStatus.ENCODED
     assert repo.retry(db, 7) == JobStatus.QUEUED
+    # a new job after the copied ones: the ids go on from there
+    new = repo.enqueue(db, repo.ReceivedInstance("1.2.3.99", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3", "1.2.3.9",
+                                                 "1.2.840.10008.1.2.1", "/x/99.dcm", 10, "SCU"))
+    assert new.job_id == len(V010_STATES) + 1
+    db.dispose()
 
 
-def test_db_upgrade_command_reports_the_revisions(tmp_path: Path) -> None:
-    old_queue(tmp_path / "var")
+def test_db_upgrade_command_reports_the_revisions(tmp_path: Path, old: Queue) -> None:
     config = tmp_path / "cxrnode.toml"
-    config.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n')
+    config.write_text(f'[node]\ndata_dir = "{old.data_dir}"\n' + queue_config(old.url))
 
-    def upgrade() -> dict:
-        done = subprocess.run([sys.executable, "-m", "node", "db", "upgrade", "--json", "--config", str(config)],
+    def cxrnode(*args: str) -> dict:
+        done = subprocess.run([sys.executable, "-m", "node", *args, "--json", "--config", str(config)],
                               capture_output=True, text=True, cwd=REPO, timeout=120)
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 
-    assert upgrade() == {"from_revision": "0001", "to_revision": migrate.head_revision(), "upgraded": True}
-    assert upgrade() == {"from_revision": migrate.head_revision(), "to_revision": migrate.head_revision(),
-                         "upgraded": False}
+    assert cxrnode("db", "upgrade") == {"from_revision": "0001", "to_revision": migrate.head_revision(),
+                                        "upgraded": True}
+    assert cxrnode("db", "upgrade") == {"from_revision": migrate.head_revision(),
+                                        "to_revision": migrate.head_revision(), "upgraded": False}
+    # the operator's commands read the same queue
+    assert cxrnode("status")["counts"] == {state: list(V010_STATES.values()).count(state) for state in JobStatus}
 
 
-def test_a_failing_migration_leaves_the_old_queue_untouched(tmp_path: Path, monkeypatch) -> None:
-    path = old_queue(tmp_path)
+def test_a_failing_migration_leaves_the_old_queue_untouched(old: Queue, monkeypatch) -> None:
+    path = old
     before = rows(path, "SELECT * FROM jobs ORDER BY id")
 
     from alembic import command
@@ -120,6 +221,36 @@ def test_a_failing_migration_leaves_the_old_queue_untouched(tmp_path: Path, monk
 
     monkeypatch.setattr(command, "upgrade", upgrade_then_fail)
     with pytest.raises(RuntimeError, match="disk trouble"):
-        Database(tmp_path)
+        Database(old.data_dir, old.url)
     assert rows(path, "SELECT * FROM jobs ORDER BY id") == before
-    assert "results" not in {name for (name,) in rows(path, "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "results" not in tables(old)
+    engine = make_engine(old.data_dir, url=old.url, upgrade_schema=False)
+    # the 0.1.0 file was never stamped (its stamp was rolled back too); the PostgreSQL one was built at 0001
+    assert migrate.current_revision(engine) == ("0001" if old.url else None)
+    engine.dispose()
+
+
+def test_processes_starting_together_on_postgresql_upgrade_one_after_the_other(
+        tmp_path: Path, empty_postgresql_url: str) -> None:
+    """Several node processes (hosts) opening one empty PostgreSQL queue at once: one creates the
+    tables, the others wait for its advisory lock and find them there; none fails."""
+    import threading
+
+    opened: list[Database] = []
+    failures: list[BaseException] = []
+
+    def start(n: int) -> None:
+        try:
+            opened.append(Database(tmp_path / str(n), empty_postgresql_url))
+        except BaseException as exc:  # noqa: BLE001 - the assertion below names it
+            failures.append(exc)
+
+    threads = [threading.Thread(target=start, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert failures == [] and len(opened) == 4
+    assert {migrate.current_revision(db.engine) for db in opened} == {migrate.head_revision()}
+    for db in opened:
+        db.dispose()

@@ -1,5 +1,7 @@
-"""Job states, claims, leases, retries: the queue against a real SQLite file."""
+"""Job states, claims, leases, retries: the queue against a real SQLite file and a real
+PostgreSQL database (every test runs on both: the ``queue_url`` fixture of tests/conftest.py)."""
 
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,8 +14,10 @@ from node.queue.tables import Job
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Database:
-    return Database(tmp_path)
+def db(tmp_path: Path, queue_url: str) -> Iterator[Database]:
+    db = Database(tmp_path, queue_url)
+    yield db
+    db.dispose()
 
 
 def received(n: int = 1) -> repo.ReceivedInstance:
@@ -160,3 +164,73 @@ def test_a_destination_that_refuses_for_good_does_not_stop_the_others(db: Databa
 
     assert repo.retry(db, job_id) == JobStatus.ENCODED  # an operator's retry tries the viewer again
     assert repo.pending_deliveries(db, job_id) == ["viewer"]
+
+
+def test_concurrent_claims_take_each_job_exactly_once(db: Database) -> None:
+    """Four workers (threads with their own connections) claim as fast as they can: every job is
+    taken once (on PostgreSQL the claim's row lock is skipped by the others, never waited for)."""
+    import threading
+
+    jobs = {repo.enqueue(db, received(n)).job_id for n in range(40)}
+    taken: list[int] = []
+    lock = threading.Lock()
+
+    def work(owner: str) -> None:
+        while (job_id := repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, owner, 60)) is not None:
+            with lock:
+                taken.append(job_id)
+
+    threads = [threading.Thread(target=work, args=(f"host:{n}:infer",)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(taken) == sorted(jobs)
+    assert repo.queue_status(db).counts["processing"] == len(jobs)
+    assert all(len([e for e in repo.get_job(db, j).events if e.step == "claim"]) == 1 for j in jobs)
+
+
+def test_the_readiness_check_reads_and_takes_the_write_lock(tmp_path: Path, db: Database) -> None:
+    """``/readyz``'s database check on either backend: fine on an idle queue, failing (within its
+    timeout) while another connection holds the lock every write needs."""
+    import time
+
+    from sqlalchemy import text
+
+    from node.http.health import check_database
+
+    assert check_database(tmp_path, db=db).startswith("answers and takes the write lock")
+    with db.engine.connect() as other:
+        if db.dialect == "postgresql":
+            other.execute(text("LOCK TABLE jobs IN SHARE MODE"))  # reads go on, writes wait
+        else:
+            other.exec_driver_sql("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        with pytest.raises(Exception, match="lock"):
+            check_database(tmp_path, timeout_s=0.5, db=db)
+        assert time.monotonic() - started < 5
+        other.rollback()
+    assert check_database(tmp_path, db=db).startswith("answers")
+
+
+def test_a_node_names_its_queue_in_the_log_without_the_password(tmp_path: Path, queue_url: str, caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    from node.service import Service
+    from node.settings import load_settings
+    from node.wakeups import PostgresWakeups
+
+    caplog.set_level(logging.INFO, logger="node.service")
+    settings = load_settings(None, env={"CXRNODE_NODE_DATA_DIR": str(tmp_path / "var"),
+                                        "CXRNODE_QUEUE_URL": queue_url, "CXRNODE_HTTP_ENABLED": "false"})
+    service = Service(settings, listen=False, work=False)
+    try:
+        assert isinstance(service.wakeups, PostgresWakeups) == bool(queue_url)
+        if queue_url:
+            password = queue_url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+            assert "queue: PostgreSQL cxrnode@127.0.0.1:" in caplog.text and password not in caplog.text
+        else:
+            assert f"queue: SQLite {(tmp_path / 'var' / 'queue.sqlite3').resolve()}" in caplog.text
+    finally:
+        service.wakeups.close()
+        service.db.dispose()

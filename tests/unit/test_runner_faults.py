@@ -1,7 +1,8 @@
 """Faults inside the worker's and the sender's turns are recorded on the job and the loops go on;
 only a node that cannot work stops, with a non-zero exit code (node/loop.py, node/service.py).
 
-The worker and sender are the real ones against a real SQLite queue and archive; the pipeline is
+The worker and sender are the real ones against a real queue (each test runs on the SQLite file
+and on a PostgreSQL database: ``queue_url`` in tests/conftest.py) and archive; the pipeline is
 a stand-in that returns fixed bytes (the networks are not what is tested here). Faults come from
 ``CXRNODE_FAULT_RAISE`` (node/faults.py), as in the served tests of tests/e2e/test_faults.py.
 """
@@ -13,6 +14,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from node.service import EX_OK, EX_SOFTWARE, EX_TEMPFAIL, Service
 from node.settings import Settings, load_settings
 from node.worker.pipeline import EncodedObject, Outcome
 from node.worker.runner import InferenceWorker
-from tests.servers import free_port
+from tests.servers import free_port, queue_config
 
 SEG_CLASS, SR_CLASS = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"
 
@@ -53,10 +55,10 @@ class FakePipeline:
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(tmp_path: Path, queue_url: str) -> Settings:
     config = tmp_path / "c.toml"
     config.write_text(
-        f'[node]\ndata_dir = "{tmp_path / "var"}"\n'
+        f'[node]\ndata_dir = "{tmp_path / "var"}"\n' + queue_config(queue_url) +
         "[worker]\nretry_delay_s = 0.0\nmax_attempts = 3\nlease_s = 0.6\npoll_interval_s = 0.01\n"
         "give_up_after_s = 0.3\n"
         "[send]\nbackoff_s = [0.0]\nmax_attempts = 3\ntimeout_s = 2.0\npoll_interval_s = 0.01\n"
@@ -65,8 +67,10 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def db(settings: Settings) -> Database:
-    return Database(settings.data_path)
+def db(settings: Settings) -> Iterator[Database]:
+    db = Database.for_settings(settings)
+    yield db
+    db.dispose()
 
 
 @pytest.fixture

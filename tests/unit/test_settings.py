@@ -75,3 +75,54 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 def test_backoff_repeats_its_last_delay() -> None:
     send = load_settings(None, env={"CXRNODE_SEND_BACKOFF_S": "1,5"}).send
     assert [send.delay_after(n) for n in (1, 2, 3, 9)] == [1.0, 5.0, 5.0, 5.0]
+
+
+# ----- [queue] url: SQLite by default, PostgreSQL by URL, the password never shown -----
+
+PG_URL = "postgresql+psycopg://cxrnode:s3cret-pass@db.example.org:5432/cxrnode"
+
+
+def test_the_queue_is_the_sqlite_file_unless_a_url_names_postgresql(tmp_path: Path) -> None:
+    assert load_settings(None, env={}).queue.url == ""
+    settings = load_settings(write(tmp_path, f'[queue]\nurl = "{PG_URL}"\n'), env={})
+    assert settings.queue.url == PG_URL
+    assert load_settings(None, env={"CXRNODE_QUEUE_URL": f" {PG_URL} "}).queue.url == PG_URL
+    assert settings.queue.masked_url == "postgresql+psycopg://cxrnode:***@db.example.org:5432/cxrnode"
+    assert "s3cret" not in repr(settings)
+
+
+@pytest.mark.parametrize("url", [
+    "mysql://cxrnode:s3cret-pass@db/cxrnode",
+    "postgresql://cxrnode:s3cret-pass@db/cxrnode",  # psycopg2's scheme: not installed
+    "sqlite:///var/queue.sqlite3",
+    "cxrnode:s3cret-pass@db/cxrnode",
+    "postgresql+psycopg://cxrnode:s3cret-pass@db:port/cxrnode",
+    "postgresql+psycopg://cxrnode:s3cret-pass@db:5432/",
+])
+def test_a_queue_url_that_is_not_postgresql_is_refused_in_one_line_without_the_password(url: str) -> None:
+    with pytest.raises(SettingsError) as refused:
+        load_settings(None, env={"CXRNODE_QUEUE_URL": url})
+    message = str(refused.value)
+    assert message.startswith("queue.url: ") and "\n" not in message
+    assert "s3cret" not in message
+
+
+def test_config_check_masks_the_queue_password(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    config = write(tmp_path, f'[queue]\nurl = "{PG_URL}"\n')
+    for extra in ([], ["--json"]):
+        done = subprocess.run([sys.executable, "-m", "node", "config", "check", "--config", str(config), *extra],
+                              capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "s3cret" not in done.stdout + done.stderr
+    assert json.loads(done.stdout)["queue"]["url"] == "postgresql+psycopg://cxrnode:***@db.example.org:5432/cxrnode"
+
+
+def test_log_lines_mask_a_database_password() -> None:
+    from node.logs import redact
+
+    assert redact(f"could not connect to {PG_URL}: refused") == \
+        "could not connect to postgresql+psycopg://cxrnode:***@db.example.org:5432/cxrnode: refused"

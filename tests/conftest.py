@@ -1,0 +1,61 @@
+"""Fixtures shared by every test folder: the queue's two backends.
+
+``queue_url`` parametrizes a test over ``sqlite`` ("", the file in the data folder, the
+default) and ``postgresql`` (a fresh database on one real PostgreSQL server per test session,
+:class:`tests.servers.PostgreSQL`), so that the queue's tests run on both and the backends cannot
+drift apart. PostgreSQL missing is an error, not a skip: ``scripts/test`` installs it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.servers import PostgreSQL
+
+#: A database migrated to the newest revision once per session; each test's database is a copy.
+TEMPLATE = "cxrnode_template"
+
+
+@pytest.fixture(scope="session")
+def postgresql(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgreSQL]:
+    """One PostgreSQL server for the session, holding :data:`TEMPLATE`."""
+    from node.queue.db import Database
+
+    server = PostgreSQL().start()
+    try:
+        server.execute(f"CREATE DATABASE {TEMPLATE}")
+        Database(tmp_path_factory.mktemp("pg-template"), server.url(TEMPLATE)).dispose()
+        yield server
+    finally:
+        server.stop()
+
+
+def _database(server: PostgreSQL, template: str) -> Iterator[str]:
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    server.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
+    try:
+        yield server.url(name)
+    finally:
+        server.execute(f"DROP DATABASE {name} WITH (FORCE)")  # closes what the test left open
+
+
+@pytest.fixture
+def postgresql_url(postgresql: PostgreSQL) -> Iterator[str]:
+    """The ``[queue] url`` of a fresh database whose schema is at the newest revision."""
+    yield from _database(postgresql, TEMPLATE)
+
+
+@pytest.fixture
+def empty_postgresql_url(postgresql: PostgreSQL) -> Iterator[str]:
+    """The ``[queue] url`` of a fresh, empty database (no tables: the migration tests)."""
+    yield from _database(postgresql, "template0")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def queue_url(request: pytest.FixtureRequest) -> str:
+    """``""`` (the SQLite queue in the data folder) or a fresh PostgreSQL database's URL."""
+    return "" if request.param == "sqlite" else str(request.getfixturevalue("postgresql_url"))
+
