@@ -464,7 +464,8 @@ def record_block(args: argparse.Namespace, rows: list[tuple[str, str]], lat: dic
         f"### `{args.label}`: commit {git_commit()}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
         f"host `{platform.node()}`, {os.cpu_count()} CPU cores",
         "",
-        f"Node poll intervals: worker {poll_s['worker']} s, sender {poll_s['send']} s. "
+        f"Node poll intervals: worker {poll_s['worker']} s, sender {poll_s['send']} s; "
+        f"worker.concurrency {worker_concurrency()} (the shipped default). "
         f"Load average at the end: {', '.join(f'{v:.1f}' for v in os.getloadavg())}.",
         "",
         table(rows),
@@ -495,6 +496,13 @@ def record(path: Path, label: str, block: str) -> None:
 
 
 # ----- main -----
+
+def worker_concurrency() -> int:
+    """Jobs one node process analyses at once by default (1 before the setting existed)."""
+    from node.settings import WorkerSettings
+
+    return int(getattr(WorkerSettings(), "concurrency", 1))
+
 
 def node_poll_intervals(override: float | None) -> dict[str, float]:
     """The shipped defaults of ``[worker]`` and ``[send]`` poll_interval_s unless overridden."""

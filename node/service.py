@@ -86,9 +86,11 @@ class Service:
         if pipeline is not None:
             from node.worker.runner import InferenceWorker
 
-            worker = InferenceWorker(self.settings, self.db, self.archive, pipeline, self.stop, self.wakeups)
+            workers = [InferenceWorker(self.settings, self.db, self.archive, pipeline, self.stop, self.wakeups,
+                                       number=n) for n in range(1, self.settings.worker.concurrency + 1)]
             sender = Sender(self.settings, self.db, self.stop, self.wakeups)
-            for name, target in (("worker", worker.run_forever), ("sender", sender.run_forever)):
+            loops = [(worker.thread_name, worker.run_forever) for worker in workers]
+            for name, target in (*loops, ("sender", sender.run_forever)):
                 thread = threading.Thread(target=self._guarded(name, target), name=name, daemon=True)
                 thread.start()
                 self.threads.append(thread)

@@ -214,6 +214,10 @@ class WorkerSettings:
     enabled: bool = True
     architecture: str = "unet"
     device: str = "auto"
+    #: Jobs analysed at once by one process (one worker thread each, sharing the loaded models):
+    #: while one job's results are encoded (Python, one core) the next one's networks run, so
+    #: two keep two CPU cores busy (bench/RESULTS.md: +12 % radiographs/s on 2 cores).
+    concurrency: int = 2
     poll_interval_s: float = 1.0
     lease_s: float = 600.0
     max_attempts: int = 3
@@ -228,6 +232,8 @@ class WorkerSettings:
             raise SettingsError(f"worker.architecture: {self.architecture!r} is not unet or resunet")
         if self.device not in {"auto", "cpu", "cuda"} and not self.device.startswith("cuda:"):
             raise SettingsError(f"worker.device: {self.device!r} is not auto, cpu or cuda[:N]")
+        if not 1 <= self.concurrency <= 32:
+            raise SettingsError(f"worker.concurrency: {self.concurrency} is not between 1 and 32")
         _positive("worker.poll_interval_s", self.poll_interval_s)
         _positive("worker.lease_s", self.lease_s)
         if self.max_attempts < 1:

@@ -287,7 +287,7 @@ class NodeProcess:
         sections: dict[str, dict[str, Any]] = {
             "node": {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port,
                      "data_dir": str(self.data_dir), "min_free_disk_mb": 1},
-            "worker": {"device": "cpu", "poll_interval_s": 0.2},
+            "worker": {"device": "cpu", "poll_interval_s": 0.2, "concurrency": 1},
             "send": {"poll_interval_s": 0.2, "timeout_s": 10.0, "max_attempts": 3,
                      "backoff_s": [0.5, 1.0]},
             # any free ports, never the shipped 8480/8481; a test that scrapes sets its own

@@ -15,6 +15,7 @@ path ``cxrnode evaluate`` measures.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,6 +148,16 @@ def patient_sides(ds: Dataset, analysis: LungAnalysis) -> tuple[np.ndarray, np.n
     return np.ascontiguousarray(left[:, ::-1]), np.ascontiguousarray(right[:, ::-1])
 
 
+@dataclass(frozen=True)
+class _Serving:
+    """The models one job is analysed with, taken together when it starts."""
+
+    analyzer: LungAnalyzer
+    tb_threshold: float
+    shadow_setup: shadow_mode.ShadowSetup | None
+    shadow: LungAnalyzer | None
+
+
 def _load_champions(registry: ModelRegistry, device: str) -> LungAnalyzer:
     """The registry's segmenter and TB champions, checksummed and loaded (once per process)."""
     from models.inference import LungAnalyzer
@@ -162,6 +173,10 @@ class Pipeline:
     before each job, switches to new ones when ``cxrnode models promote``/``rollback`` changed
     them (:meth:`refresh`): a job is analysed by one pair of models from start to end, and no job
     waits for or is lost to a switch. Built with an ``analyzer`` and no ``registry``, it keeps it.
+
+    Several worker threads (``worker.concurrency``) share one pipeline: a job takes the models in
+    service, their threshold and the shadow together (:class:`_Serving`) when it starts, and
+    only one thread at a time looks for (and loads) new ones.
     """
 
     def __init__(self, settings: Settings, analyzer: LungAnalyzer, device: NodeDevice | None = None,
@@ -175,6 +190,7 @@ class Pipeline:
         #: the shadow (``cxrnode models shadow``): which models, and their analyzer when loaded
         self.shadow_setup: shadow_mode.ShadowSetup | None = None
         self._shadow: LungAnalyzer | None = None
+        self._switching = threading.Lock()
         self._use(analyzer)
         if registry is not None:
             self._load_shadow()
@@ -276,13 +292,20 @@ class Pipeline:
                  ", ".join(self.analyzer.refs or ()))
         self.shadow_setup, self._shadow = setup, analyzer
 
-    def _shadow_job(self, view: np.ndarray, champion: LungAnalysis) -> Callable[[], dict[str, Any]] | None:
+    def _serving(self) -> _Serving:
+        """What one job is analysed with, after switching to new champions if they changed."""
+        with self._switching:
+            self.refresh()
+            return _Serving(self.analyzer, self.tb_threshold, self.shadow_setup, self._shadow)
+
+    @staticmethod
+    def _shadow_job(view: np.ndarray, champion: LungAnalysis, serving: _Serving) -> Callable[[], dict[str, Any]] | None:
         """The deferred shadow analysis of ``view`` (the champion's input) for :attr:`Outcome.shadow`."""
-        setup, analyzer = self.shadow_setup, self._shadow
+        setup, analyzer = serving.shadow_setup, serving.shadow
         if setup is None:
             return None
-        refs = self.analyzer.refs or ("", "")
-        champion_threshold = self.tb_threshold
+        refs = serving.analyzer.refs or ("", "")
+        champion_threshold = serving.tb_threshold
         # its own operating point: the shadow TB scorer's threshold; the champion's TB scorer keeps the node's
         shadow_threshold = analyzer.tb_threshold if analyzer is not None and setup.tb != refs[1] else champion_threshold
 
@@ -309,7 +332,8 @@ class Pipeline:
         Raises:
             RejectedInput: outside the acceptance rules, or the pixels cannot be read.
         """
-        self.refresh()
+        serving = self._serving()
+        threshold = serving.tb_threshold
         started = time.perf_counter()
         ds = load(path)
         reason = rejection_reason(ds, self.settings.acceptance)
@@ -321,7 +345,7 @@ class Pipeline:
         except UnreadablePixels as exc:
             raise RejectedInput(f"unreadable pixel data: {exc}") from None
         view = standard_view(ds, pixels)
-        analysis = self.analyzer.analyze(view)
+        analysis = serving.analyzer.analyze(view)
         inferred = time.perf_counter()
         metrics.observe_stage("inference", inferred - started)
         left, right = patient_sides(ds, analysis)
@@ -340,13 +364,13 @@ class Pipeline:
                     datasets.append(("seg", seg))
                 if "sr" in kinds:
                     datasets.append(("sr", build_report(
-                        source, seg, tb_score=analysis.tb_score, threshold=self.tb_threshold,
+                        source, seg, tb_score=analysis.tb_score, threshold=threshold,
                         lung_masks={"left": left, "right": right}, areas_mm2=areas,
                         area_omission_reason=omission, algorithms=algorithms, device=self.device)))
             if "sc" in kinds:
                 datasets.append(("sc", build_secondary_capture(
                     source, pixels, left, right, patient_left_on_image_right=patient_left_on_image_right(ds),
-                    tb_score=analysis.tb_score, threshold=self.tb_threshold, algorithms=algorithms,
+                    tb_score=analysis.tb_score, threshold=threshold, algorithms=algorithms,
                     device=self.device)))
             results = tuple(EncodedObject(kind, str(obj.SOPClassUID), str(obj.SOPInstanceUID), verify.reread(obj))
                             for kind, obj in datasets)
@@ -355,6 +379,6 @@ class Pipeline:
             raise EncodingError(f"results could not be encoded: {type(exc).__name__}: {exc}") from exc
         done = time.perf_counter()
         metrics.observe_stage("encoding", done - inferred)
-        summary = (f"TB score {analysis.tb_score:.3f} (threshold {self.tb_threshold:.3f}); "
+        summary = (f"TB score {analysis.tb_score:.3f} (threshold {threshold:.3f}); "
                    f"inference {inferred - started:.2f} s, encoding {done - inferred:.2f} s")
-        return Outcome(results, float(analysis.tb_score), summary, shadow=self._shadow_job(view, analysis))
+        return Outcome(results, float(analysis.tb_score), summary, shadow=self._shadow_job(view, analysis, serving))

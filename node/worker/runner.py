@@ -42,10 +42,13 @@ class InferenceWorker:
     """
 
     def __init__(self, settings: Settings, db: Database, archive: Archive,
-                 pipeline: Pipeline, stop: threading.Event, wakeups: Wakeups | None = None) -> None:
+                 pipeline: Pipeline, stop: threading.Event, wakeups: Wakeups | None = None,
+                 number: int = 1) -> None:
         self.settings, self.db, self.archive, self.pipeline = settings, db, archive, pipeline
         self.stop, self.wakeups = stop, wakeups
-        self.owner = worker_name("infer")
+        # ``worker.concurrency`` workers share a process: each its own lease owner id and thread
+        self.owner = worker_name("infer" if number == 1 else f"infer{number}")
+        self.thread_name = "worker" if number == 1 else f"worker-{number}"
         self._doing = ""  # what run_once is doing with its job, for the error it records
 
     def run_forever(self) -> None:

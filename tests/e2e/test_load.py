@@ -1,4 +1,5 @@
-"""Eight senders, 25 images each, at once: every image archived, processed once, delivered once.
+"""Eight senders, 25 images each, at once: every image archived, processed once, delivered once,
+with two worker threads analysing at once (``worker.concurrency = 2``, the default).
 
 A correctness test under concurrency (SQLite writers from eight association threads plus the
 worker and the sender), not a speed test.
@@ -27,7 +28,8 @@ SENDERS, PER_SENDER = 8, 25
 def test_eight_concurrent_senders(tmp_path: Path) -> None:
     orthanc = Orthanc(tmp_path / "orthanc", free_port(), free_port()).start()
     node = NodeProcess(tmp_path / "node", free_port(), destinations=[
-        {"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}])
+        {"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}],
+        extra={"worker": {"concurrency": 2}})  # the shipped default: two jobs analysed at once
     base = make_dx(DATA / "MCUCXR_0017_0.png", size=(512, 512))
     study_uid = generate_uid()
     batches = []

@@ -46,6 +46,7 @@ def test_shipped_config_lists_every_setting() -> None:
     ('[[destinations]]\nae_title = "A"\nhost = "h"\nport = 0\n', "destinations.port"),
     ('[[destinations]]\nae_title = "A"\nport = 1\n', "destinations"),
     ('[worker]\narchitecture = "vit"\n', "worker.architecture"),
+    ("[worker]\nconcurrency = 0\n", "worker.concurrency"),
     ('[send]\nbackoff_s = []\n', "send.backoff_s"),
 ])
 def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
