@@ -11,6 +11,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from sqlalchemy.exc import DBAPIError
+
 from node.errors import NodeError
 from node.settings import Settings, load_settings
 
@@ -88,6 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NodeError as exc:
         print(f"cxrnode: error: {exc}", file=sys.stderr)
         return 2
+    except DBAPIError as exc:  # the queue database is unreachable, locked, or refuses the login
+        from node.loop import describe
+
+        reason = " ".join(describe(exc).split())  # the server's hint lines folded into one
+        print(f"cxrnode: error: the queue database cannot be used: {reason}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -122,6 +122,23 @@ def test_config_check_masks_the_queue_password(tmp_path: Path) -> None:
     assert json.loads(done.stdout)["queue"]["url"] == "postgresql+psycopg://cxrnode:***@db.example.org:5432/cxrnode"
 
 
+def test_an_unreachable_queue_is_one_line_from_the_cli_without_the_password(tmp_path: Path) -> None:
+    """``cxrnode status`` against a PostgreSQL nobody listens on: one readable line, exit 1."""
+    import subprocess
+    import sys
+
+    from tests.servers import free_port
+
+    url = f"postgresql+psycopg://cxrnode:s3cret-pass@127.0.0.1:{free_port()}/cxrnode"
+    config = write(tmp_path, f'[node]\ndata_dir = "{tmp_path / "var"}"\n[queue]\nurl = "{url}"\n')
+    done = subprocess.run([sys.executable, "-m", "node", "status", "--config", str(config)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.startswith("cxrnode: error: the queue database cannot be used: OperationalError")
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert "s3cret" not in done.stdout + done.stderr
+
+
 def test_log_lines_mask_a_database_password() -> None:
     from node.logs import redact
 
