@@ -43,6 +43,7 @@ from typing import Any
 
 from models import registry
 from models.identity import ModelIdentity
+from node.archive import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +120,6 @@ def _read_json(path: Path, default: Any) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise RegistryError(f"{path} is not valid JSON: {exc}") from None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -246,7 +239,7 @@ class ModelRegistry:
             os.replace(tmp, self.state_path)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def state_token(self) -> str:
         """Changes whenever the state (champions, history) is rewritten: one ``stat``."""
@@ -422,12 +415,12 @@ class ModelRegistry:
             _write_file(tmp / ENTRY_FILE, _json_bytes({"ref": ref, "slot": slot, "stem": stem,
                                                        "registered_at": _now(),
                                                        "registered_from": str(Path(weights_dir).resolve())}))
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(self.root / ENTRIES)
+        fsync_dir(self.root / ENTRIES)
         log.info("registered %s (%s, sha256 %s)", ref, slot, meta["sha256"][:12])
         return self._load_entry(final)
 

@@ -58,7 +58,8 @@ def make_private_dirs(folder: Path) -> None:
         item.mkdir(mode=0o700, exist_ok=True)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of folder ``path`` durable (a rename or a new file in it survives power loss)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -124,7 +125,7 @@ class Archive:
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return len(data)
 
     def free_bytes(self) -> int:

@@ -470,10 +470,6 @@ def get_job(db: Database, job_id: int) -> Job:
         return job
 
 
-def instance_exists(db: Database, sop_instance_uid: str) -> bool:
-    return known_instance(db, sop_instance_uid).job_id is not None
-
-
 def release_orphans(db: Database, host: str, pid: int, alive: Callable[[int], bool]) -> list[int]:
     """Return leased jobs whose owner process on ``host`` is gone (e.g. after ``kill -9``).
 

@@ -105,7 +105,7 @@ def check_store(node: LocalNode, sender: Sender, workdir: Path, mutant: Mutant,
     if mutant.is_unchanged:
         assert status == Status.SUCCESS
     if status != Status.SUCCESS:
-        assert not repository.instance_exists(node.db, uid)
+        assert repository.known_instance(node.db, uid).job_id is None
         return None  # and no file: the archive's file count is checked after all examples
     (job,) = repository.list_jobs(node.db, limit=1)
     assert job.instance.sop_instance_uid == uid and job.status == "queued"
