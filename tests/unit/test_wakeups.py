@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -130,30 +131,38 @@ class DxPipeline(FakePipeline):
                        tb_score=0.25, summary="stand-in analysis")
 
 
+@contextmanager
+def loops_running(worker: InferenceWorker, sender: Sender) -> Iterator[None]:
+    """The worker's and the sender's loops, each in a thread, until the block ends; then their stop
+    flag is set and their bells rung, and both must end (not wait out their hour-long poll)."""
+    threads = [threading.Thread(target=loop, daemon=True) for loop in (worker.run_forever, sender.run_forever)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: all(t.is_alive() for t in threads), 10, what="the loops started")
+        yield
+    finally:
+        worker.stop.set()
+        for loop in (worker, sender):
+            assert loop.wakeups is not None
+            loop.wakeups.ring_all()
+        for thread in threads:
+            thread.join(30)
+    assert not any(t.is_alive() for t in threads), "ring_all did not end the hour-long waits"
+
+
 def test_with_an_hourly_poll_the_bells_carry_a_job_from_queued_to_the_pacs(
         tmp_path: Path, hourly: Settings, pacs: RecordingPacs, process: tuple[Database, Wakeups]) -> None:
     (db, bells), archive, stop = process, Archive(hourly.data_path), threading.Event()
     pipeline = DxPipeline(tmp_path)
     worker = InferenceWorker(hourly, db, archive, pipeline, stop, bells)  # type: ignore[arg-type]
-    sender = Sender(hourly, db, stop, bells)
-    threads = [threading.Thread(target=loop, daemon=True) for loop in (worker.run_forever, sender.run_forever)]
-    for thread in threads:
-        thread.start()
-    try:
-        # both loops have taken their first turn (nothing to do) and now wait an hour for a bell
-        wait_until(lambda: all(t.is_alive() for t in threads), 10, what="the loops started")
+    with loops_running(worker, Sender(hourly, db, stop, bells)):
         job_id = queued_job(db)
         bells.ring(Stage.QUEUED)  # what the listener does after committing the job
         wait_until(lambda: repository.get_job(db, job_id).status == JobStatus.DONE, 60,
                    what="the job done without a poll")
         assert pacs.stored == [str(repository.get_job(db, job_id).result("seg").sop_instance_uid)]
         assert pipeline.runs == 1
-    finally:
-        stop.set()
-        bells.ring_all()
-        for thread in threads:
-            thread.join(30)
-    assert not any(t.is_alive() for t in threads), "ring_all did not end the hour-long waits"
 
 
 def test_without_a_bell_the_job_waits_for_the_poll(tmp_path: Path, hourly: Settings, pacs: RecordingPacs,
@@ -276,29 +285,19 @@ def test_on_postgresql_the_bells_carry_a_job_through_three_processes(
     stop, pipeline = threading.Event(), DxPipeline(tmp_path)
     worker = InferenceWorker(hourly, worker_db, Archive(hourly.data_path), pipeline, stop,  # type: ignore[arg-type]
                              worker_bells)
-    sender = Sender(hourly, sender_db, stop, sender_bells)
-    threads = [threading.Thread(target=loop, daemon=True) for loop in (worker.run_forever, sender.run_forever)]
-    for thread in threads:
-        thread.start()
     try:
-        wait_until(lambda: all(t.is_alive() for t in threads), 10, what="the loops started")
-        time.sleep(0.5)  # both took their first turn and wait an hour
-        job_id = queued_job(listener_db)
-        listener.ring(Stage.QUEUED)
-        wait_until(lambda: repository.get_job(listener_db, job_id).status == JobStatus.DONE, 60,
-                   what="the job done without a poll")
-        assert pacs.stored == [str(repository.get_job(listener_db, job_id).result("seg").sop_instance_uid)]
-        assert pipeline.runs == 1
+        with loops_running(worker, Sender(hourly, sender_db, stop, sender_bells)):
+            time.sleep(0.5)  # both took their first turn and wait an hour
+            job_id = queued_job(listener_db)
+            listener.ring(Stage.QUEUED)
+            wait_until(lambda: repository.get_job(listener_db, job_id).status == JobStatus.DONE, 60,
+                       what="the job done without a poll")
+            assert pacs.stored == [str(repository.get_job(listener_db, job_id).result("seg").sop_instance_uid)]
+            assert pipeline.runs == 1
     finally:
-        stop.set()
-        for bells in (worker_bells, sender_bells):
-            bells.ring_all()
-        for thread in threads:
-            thread.join(30)
         for db, bells in ((listener_db, listener), (worker_db, worker_bells), (sender_db, sender_bells)):
             bells.close()
             db.dispose()
-    assert not any(t.is_alive() for t in threads)
 
 
 def test_the_listener_survives_a_server_restart(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
