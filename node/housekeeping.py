@@ -5,7 +5,8 @@
 - ``purge`` (``serve`` only): the retention purge (:mod:`node.retention`) every
   ``retention.purge_interval_s``, the first at most 10 minutes after start-up; one log line.
 
-At start-up, ``recover`` also returns jobs held by processes of this host that are gone
+At start-up, ``recover`` also returns jobs held by processes of this instance (``[node]
+instance_name``, default the host name) that are gone
 (``kill -9``, power loss), without waiting for their leases to expire, and ``archive/tmp/*.part``
 files left by a crash are removed.
 
@@ -48,9 +49,10 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def recover(db: Database) -> list[int]:
-    """At start-up: take back the jobs of this host's dead processes at once."""
-    released = repository.release_orphans(db, socket.gethostname(), os.getpid(), pid_alive)
+def recover(db: Database, instance: str | None = None) -> list[int]:
+    """At start-up: take back the jobs of this instance's dead processes at once (``instance``:
+    ``[node] instance_name``, default the host name). Other instances' leases expire and are reaped."""
+    released = repository.release_orphans(db, instance or socket.gethostname(), os.getpid(), pid_alive)
     if released:
         log.warning("recovered %d job(s) left by a process that ended: %s", len(released), released)
     return released
@@ -61,18 +63,20 @@ def recover(db: Database) -> list[int]:
 FIRST_PURGE_AFTER_S = 600.0
 
 
-def clean_tmp(settings: Settings) -> int:
-    """At start-up: remove ``archive/tmp/*.part`` files a crash left (see :func:`node.retention.clean_tmp`)."""
-    files, size = retention.clean_tmp(Archive(settings.data_path))
-    log.info("removed %d leftover temporary file(s) (%d bytes) from %s", files, size,
-             settings.data_path / "archive" / "tmp")
+def clean_tmp(settings: Settings, archive: Archive) -> int:
+    """At start-up: remove ``tmp/*.part`` files a crash left in a folder archive (see
+    :func:`node.retention.clean_tmp`)."""
+    files, size = retention.clean_tmp(archive)
+    if files:
+        log.info("removed %d leftover temporary file(s) (%d bytes) from the archive (%s)", files, size,
+                 archive.describe())
     return files
 
 
-def purge(settings: Settings, db: Database) -> dict | None:
+def purge(settings: Settings, db: Database, archive: Archive) -> dict | None:
     """The scheduled retention purge; logs one line, and any failure (the next run tries again)."""
     try:
-        report = retention.purge(settings, db, Archive(settings.data_path))
+        report = retention.purge(settings, db, archive)
     except Exception:  # noqa: BLE001 - housekeeping must not die; the next run tries again
         log.exception("retention purge failed; the next one runs in %g s", settings.retention.purge_interval_s)
         return None
@@ -80,8 +84,9 @@ def purge(settings: Settings, db: Database) -> dict | None:
     return report
 
 
-def start_scheduler(settings: Settings, db: Database, *, purge_archive: bool = True) -> BackgroundScheduler:
-    """Start the reaper (and, with ``purge_archive``, the retention purge: ``serve`` only)."""
+def start_scheduler(settings: Settings, db: Database, archive: Archive, *,
+                    purge_archive: bool = True) -> BackgroundScheduler:
+    """Start the reaper (and, with ``purge_archive``, the retention purge: processes with the receiver)."""
     scheduler = BackgroundScheduler(timezone="UTC")
     scheduler.add_job(reap, "interval", seconds=settings.housekeeping.reap_interval_s,
                       args=[db, settings.worker.max_attempts], id="reap",
@@ -89,10 +94,10 @@ def start_scheduler(settings: Settings, db: Database, *, purge_archive: bool = T
     interval = settings.retention.purge_interval_s
     if purge_archive and interval > 0:
         first = datetime.now(UTC) + timedelta(seconds=min(interval, FIRST_PURGE_AFTER_S))
-        scheduler.add_job(purge, "interval", seconds=interval, args=[settings, db], id="purge",
+        scheduler.add_job(purge, "interval", seconds=interval, args=[settings, db, archive], id="purge",
                           max_instances=1, coalesce=True, next_run_time=first)
     scheduler.start()
-    clean_tmp(settings)
-    recover(db)
+    clean_tmp(settings, archive)
+    recover(db, settings.node.instance_name or None)
     reap(db, settings.worker.max_attempts)
     return scheduler

@@ -22,21 +22,18 @@
 * history rows go only for jobs whose purge is confirmed (or that never kept a file), one
   transaction per chunk: a crash leaves whole jobs, never rows pointing at nothing.
 
-The purge never deletes a path outside ``<data_dir>/archive``.
+The purge deletes only archive keys (``received/``, ``results/``, ``tmp/``), through the archive's
+interface (:mod:`node.archive`): a folder or an object store alike.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-from node.archive import Archive, UnsafeUID
+from node.archive import Archive, Stored, UnsafeKey, UnsafeUID, check_key
 from node.queue import repository
 from node.queue.db import Database
 from node.queue.tables import utcnow
@@ -52,21 +49,18 @@ TMP_GRACE_S = 60.0
 BATCH = 200
 
 
-@dataclass(frozen=True)
-class FileEntry:
-    path: Path
-    size: int
+#: One archived object the purge deletes (its key and size).
+FileEntry = Stored
 
 
 @dataclass(frozen=True)
 class JobFiles:
-    """One job's archived files that the purge deletes."""
+    """One job's archived objects that the purge deletes."""
 
     job_id: int
     status: str
     images: tuple[FileEntry, ...]
     results: tuple[FileEntry, ...]
-    folders: tuple[Path, ...]  # removed when empty afterwards (results/<job>, received/<study>)
 
 
 @dataclass
@@ -132,86 +126,56 @@ def _cutoff(now: datetime, days: float) -> datetime | None:
     return None if days <= 0 else now - timedelta(days=days)
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder)
-    except ValueError:
-        return False
-    return path != folder
-
-
-def _file(path: Path) -> FileEntry | None:
-    try:
-        stat = path.lstat()
-    except OSError:
-        return None
-    if not path.is_file() or path.is_symlink():
-        return None
-    return FileEntry(path, stat.st_size)
-
-
 def _job_files(archive: Archive, candidate: repository.PurgeCandidate) -> JobFiles:
-    """The files of ``candidate`` on disk now: where the queue says they are and where the archive
-    layout puts them (the stored paths may be relative to another working directory), only inside
-    ``<data_dir>/archive``."""
-    root = archive.root.resolve()
-    received_root, results_root = root / "received", root / "results"
-    sources: list[Path] = []
-    if candidate.source_path:
-        sources.append(Path(candidate.source_path))
-        try:
-            sources.append(archive.received_path(candidate.study_instance_uid, candidate.sop_instance_uid))
-        except UnsafeUID:
-            pass
-    images: dict[Path, FileEntry] = {}
-    folders: list[Path] = []
+    """The objects of ``candidate`` in the archive now: the source where the queue says it is and
+    where the layout puts it, its ``<sop>.v<N>.dcm`` versions, and everything under
+    ``results/<job>/``. Only archive keys (``received/``, ``results/``): a stored value that is
+    not one (damaged, or a host path the 0007 migration could not map) is left alone."""
+    sources: list[str] = []
+    for key in (candidate.source_path, _layout_key(candidate)):
+        if key and _is_key(key, "received/") and key not in sources:
+            sources.append(key)
+    images: dict[str, FileEntry] = {}
     for source in sources:
-        source = source.resolve()
-        if not _inside(source, received_root):
-            continue
-        stem = source.name.removesuffix(".dcm")
-        for path in [source, *source.parent.glob(f"{stem}.v*.dcm")]:
-            if (entry := _file(path)) is not None:
-                images.setdefault(path, entry)
-        if source.parent not in folders:
-            folders.append(source.parent)
-    results: dict[Path, FileEntry] = {}
-    job_dir = archive.results_dir(candidate.job_id).resolve()
-    for stored in candidate.result_paths:
-        path = Path(stored).resolve()
-        if _inside(path, results_root) and (entry := _file(path)) is not None:
-            results.setdefault(path, entry)
-    if job_dir.is_dir() and not job_dir.is_symlink():
-        for path in sorted(job_dir.rglob("*")):
-            if (entry := _file(path)) is not None:
-                results.setdefault(path, entry)
-        folders.insert(0, job_dir)
-    return JobFiles(candidate.job_id, candidate.status, tuple(images.values()), tuple(results.values()),
-                    tuple(folders))
+        if (size := archive.size(source)) is not None:
+            images.setdefault(source, FileEntry(source, size))
+        for version in archive.versions(source):
+            images.setdefault(version.key, version)
+    results: dict[str, FileEntry] = {}
+    for key in candidate.result_paths:
+        if _is_key(key, "results/") and (size := archive.size(key)) is not None:
+            results.setdefault(key, FileEntry(key, size))
+    for item in archive.list(archive.results_prefix(candidate.job_id)):
+        results.setdefault(item.key, item)
+    return JobFiles(candidate.job_id, candidate.status, tuple(images.values()), tuple(results.values()))
+
+
+def _layout_key(candidate: repository.PurgeCandidate) -> str:
+    try:
+        return Archive.received_key(candidate.study_instance_uid, candidate.sop_instance_uid)
+    except UnsafeUID:
+        return ""
+
+
+def _is_key(value: str, top: str) -> bool:
+    try:
+        check_key(value)
+    except UnsafeKey:
+        return False
+    return value.startswith(top)
 
 
 def stale_tmp_files(archive: Archive, older_than_s: float = TMP_GRACE_S) -> list[FileEntry]:
-    """``archive/tmp/*.part`` files not written to for ``older_than_s``: leftovers of a crash."""
-    limit = time.time() - older_than_s
-    found = []
-    for path in sorted(archive.tmp.glob("*.part")):
-        try:
-            stat = path.lstat()
-        except OSError:
-            continue
-        if path.is_file() and stat.st_mtime < limit:
-            found.append(FileEntry(path, stat.st_size))
-    return found
+    """``tmp/*.part`` files not written to for ``older_than_s``: leftovers of a crash (a folder
+    archive only; an object store has no partial objects)."""
+    return archive.stale_tmp(older_than_s)
 
 
 def clean_tmp(archive: Archive, older_than_s: float = TMP_GRACE_S) -> tuple[int, int]:
     """Remove the leftovers of :func:`stale_tmp_files`; returns (files, bytes) removed."""
     files = size = 0
     for entry in stale_tmp_files(archive, older_than_s):
-        try:
-            entry.path.unlink()
-        except FileNotFoundError:
-            continue
+        archive.delete(entry.key)
         files, size = files + 1, size + entry.size
     return files, size
 
@@ -240,26 +204,13 @@ def plan(settings: Settings, db: Database, archive: Archive, now: datetime | Non
 
 
 def _delete_job_files(archive: Archive, job: JobFiles) -> tuple[list[FileEntry], list[FileEntry]]:
-    """Delete one job's planned files and its ``results/<job>`` folder; returns the files deleted.
-
-    An emptied ``received/<study>`` folder goes too (a store into that study at the same moment
-    recreates it: :meth:`node.archive.Archive.write_atomic`)."""
+    """Delete one job's planned objects; returns those deleted (a folder archive also removes
+    the emptied ``results/<job>`` and ``received/<study>`` folders)."""
     gone: tuple[list[FileEntry], list[FileEntry]] = ([], [])
     for entries, deleted in ((job.images, gone[0]), (job.results, gone[1])):
         for entry in entries:
-            try:
-                entry.path.unlink()
-            except FileNotFoundError:
-                continue
+            archive.delete(entry.key)
             deleted.append(entry)
-    for folder in job.folders:
-        if folder.name.isdigit():  # results/<job>: nothing in it is anyone else's
-            shutil.rmtree(folder, ignore_errors=True)
-        else:  # received/<study>: other instances of the study may still be there
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
     return gone
 
 
@@ -303,10 +254,7 @@ def execute(plan_: PurgePlan, db: Database, archive: Archive) -> dict[str, Any]:
     tmp = Tally()
     removed = []
     for entry in plan_.tmp_files:
-        try:
-            entry.path.unlink()
-        except FileNotFoundError:
-            continue
+        archive.delete(entry.key)
         removed.append(entry)
     tmp.add(removed)
     return _report(plan_, False, images, results, purged, history_rows, history_rows.get("jobs", 0),
@@ -332,12 +280,5 @@ def one_line(report: dict[str, Any]) -> str:
 
 
 def archive_size(archive: Archive) -> int:
-    """Bytes of the files under ``<data_dir>/archive`` (received objects, results, tmp)."""
-    total = 0
-    for folder, _dirs, files in os.walk(archive.root):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(folder, name)).st_size
-            except OSError:
-                continue
-    return total
+    """Bytes of every object in the archive (received objects, results, and a folder's tmp)."""
+    return archive.total_bytes()

@@ -32,14 +32,14 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from node.archive import Archive
+from node.archive import open_archive
 from node.housekeeping import start_scheduler
 from node.http.server import HttpService
 from node.loop import GiveUp, describe
 from node.queue.db import Database
 from node.scp import server as scp_server
 from node.sender.runner import Sender
-from node.settings import Settings
+from node.settings import Settings, SettingsError
 from node.wakeups import wakeups_for
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,30 @@ EX_TEMPFAIL = 75  # the worker/sender could not work for worker.give_up_after_s
 EX_SECOND_SIGNAL = 130
 
 
-class Service:
-    """The running node: what ``cxrnode serve`` (listen + work) and ``cxrnode worker`` run."""
+#: The roles a process can run (``cxrnode serve --role``): the DICOM listener, the inference
+#: worker and the sender. Any number of each may share one queue and archive, on any hosts.
+ROLES = ("receiver", "worker", "sender")
 
-    def __init__(self, settings: Settings, *, listen: bool, work: bool) -> None:
+
+def parse_roles(text: str) -> frozenset[str]:
+    """``"receiver,worker"`` → the set of roles; raises :class:`SettingsError` naming ``--role``."""
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(ROLES))
+    if unknown or not names:
+        raise SettingsError(f"--role: {', '.join(unknown) or repr(text)} is not a role; "
+                            f"give one or more of {', '.join(ROLES)}, separated by commas")
+    return frozenset(names)
+
+
+class Service:
+    """The running node: what ``cxrnode serve`` (every role, or those ``--role`` names) and
+    ``cxrnode worker`` (worker and sender) run. ``listen`` runs the receiver, ``work`` the
+    inference worker, ``send`` the sender (default: with the worker)."""
+
+    def __init__(self, settings: Settings, *, listen: bool, work: bool, send: bool | None = None) -> None:
         self.settings = settings
         self.listen, self.work = listen, work
+        self.send = work if send is None else send
         self.stop = threading.Event()
         self._signals = 0
         self.db = Database.for_settings(settings)
@@ -63,14 +81,15 @@ class Service:
         #: the bells between listener, worker and sender (node.wakeups), across processes on a
         #: PostgreSQL queue; rung on stop too
         self.wakeups = wakeups_for(self.db)
-        self.archive = Archive(settings.data_path)
+        self.archive = open_archive(settings)
+        log.info("archive: %s", self.archive.describe())
         self.ae = None
         self.server = None
         self.threads: list[threading.Thread] = []
         self.scheduler = None
         self.exit_code, self.exit_reason = EX_OK, ""
         self._exit_lock = threading.Lock()
-        self.http = HttpService(settings, self.db, self.archive, listen=listen, work=work,
+        self.http = HttpService(settings, self.db, self.archive, listen=listen, work=work, send=self.send,
                                 threads=lambda: self.threads, stop=self.stop)
 
     def start(self) -> None:
@@ -80,20 +99,24 @@ class Service:
             from node.worker.pipeline import Pipeline  # loads torch: only when working
 
             pipeline = Pipeline.load(self.settings)
-        self.scheduler = start_scheduler(self.settings, self.db, purge_archive=self.listen)  # purge: serve only
+        self.scheduler = start_scheduler(self.settings, self.db, self.archive,
+                                         purge_archive=self.listen)  # purge: with the receiver
         if self.listen:
             self.ae, self.server = scp_server.start(self.settings, self.db, self.archive, self.wakeups)
+        loops = []
         if pipeline is not None:
             from node.worker.runner import InferenceWorker
 
             workers = [InferenceWorker(self.settings, self.db, self.archive, pipeline, self.stop, self.wakeups,
                                        number=n) for n in range(1, self.settings.worker.concurrency + 1)]
-            sender = Sender(self.settings, self.db, self.stop, self.wakeups)
-            loops = [(worker.thread_name, worker.run_forever) for worker in workers]
-            for name, target in (*loops, ("sender", sender.run_forever)):
-                thread = threading.Thread(target=self._guarded(name, target), name=name, daemon=True)
-                thread.start()
-                self.threads.append(thread)
+            loops += [(worker.thread_name, worker.run_forever) for worker in workers]
+        if self.send:
+            sender = Sender(self.settings, self.db, self.stop, self.wakeups, archive=self.archive)
+            loops.append(("sender", sender.run_forever))
+        for name, target in loops:
+            thread = threading.Thread(target=self._guarded(name, target), name=name, daemon=True)
+            thread.start()
+            self.threads.append(thread)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._signals += 1
@@ -144,7 +167,7 @@ class Service:
         signal.signal(signal.SIGINT, self._on_signal)
         self.start()
         self.http.mark_started()
-        log.info("cxrnode ready (listen=%s, work=%s)", self.listen, self.work)
+        log.info("cxrnode ready (%s)", self.http.role)
         while not self.stop.wait(0.5):
             for thread in self.threads:
                 if not thread.is_alive():  # its guard normally said why first

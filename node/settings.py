@@ -9,7 +9,7 @@ Everything is validated when it loads: an unknown key, a wrong type, an AE title
 characters or a port out of range raises :class:`SettingsError` whose message names the key,
 so a bad config stops start-up before anything listens.
 
-Secrets (``[web] token``, the password in ``[queue] url``) are never shown: ``cxrnode config
+Secrets (``[web] token``, the password in ``[queue] url``, ``[archive] s3_secret_access_key``) are never shown: ``cxrnode config
 check`` prints them withheld or masked, and their environment variables keep them out of the file.
 """
 
@@ -115,8 +115,14 @@ class NodeSettings:
     station_name: str = ""
     device_serial_number: str = ""
     uid_root: str = ""
+    #: This process's name in the queue's leases (``<instance_name>:<pid>:<role>``): empty = the
+    #: host name. Several instances sharing one queue from one host (or from containers whose host
+    #: names repeat) must each have their own; start-up recovery takes back at once only the
+    #: leases of this instance's dead processes, and leaves other instances' to expire.
+    instance_name: str = ""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "instance_name", check_instance_name("node.instance_name", self.instance_name))
         for name, length, vr in (("institution_name", 64, "LO"), ("institution_department_name", 64, "LO"),
                                  ("station_name", 16, "SH"), ("device_serial_number", 64, "LO")):
             object.__setattr__(self, name, check_text(f"node.{name}", getattr(self, name), length, vr))
@@ -188,6 +194,81 @@ def check_queue_url(key: str, url: str) -> str:
     if not parsed.database:
         raise SettingsError(f"{key}: names no database; {usage}")
     return url
+
+
+_INSTANCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def check_instance_name(key: str, value: str) -> str:
+    """``value`` stripped if it can name an instance in a lease owner (letters, digits, ``.``,
+    ``_``, ``-``; no ``:``; at most 63 characters), ``""`` for the host name; else raise naming ``key``."""
+    value = value.strip()
+    if value and not _INSTANCE_NAME.match(value):
+        raise SettingsError(f"{key}: {value!r} may hold only letters, digits, '.', '_' and '-' "
+                            "(at most 63, starting with a letter or digit)")
+    return value
+
+
+#: The schemes ``[archive] url`` takes besides a folder path.
+ARCHIVE_S3_SCHEME = "s3"
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    """Where received objects and results are kept (:mod:`node.archive`).
+
+    ``url`` empty (the default): the ``archive`` folder in ``node.data_dir``. An absolute folder
+    path (or ``file:///path``): a folder shared by every host of one node (NFS, a Kubernetes
+    volume). ``s3://bucket/prefix``: an S3-compatible object store, reached at ``s3_endpoint_url``
+    (empty: AWS's own) with the key pair below; ``CXRNODE_ARCHIVE_S3_SECRET_ACCESS_KEY`` keeps the
+    secret out of the file, and it is never shown. Every host must name the same archive: the
+    queue stores keys relative to it (``received/<study>/<sop>.dcm``), never host paths.
+    """
+
+    url: str = ""
+    s3_endpoint_url: str = ""
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = field(default="", repr=False)
+    #: seconds for one S3 request (connect and read each) before it is retried, then failed
+    s3_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        url = self.url.strip()
+        object.__setattr__(self, "url", url)
+        _positive("archive.s3_timeout_s", self.s3_timeout_s)
+        scheme, sep, rest = url.partition("://")
+        if not url:
+            return
+        if sep and scheme == ARCHIVE_S3_SCHEME:
+            bucket = rest.partition("/")[0]
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+                raise SettingsError(f"archive.url: {bucket!r} is not an S3 bucket name (s3://bucket/prefix)")
+            endpoint = self.s3_endpoint_url.strip()
+            if endpoint and not re.match(r"^https?://[^/]+", endpoint):
+                raise SettingsError(f"archive.s3_endpoint_url: {endpoint!r} is not an http(s) URL")
+            return
+        if sep and scheme != "file":
+            raise SettingsError(f"archive.url: scheme {scheme!r} is not supported; use \"\" (the archive folder "
+                                "in node.data_dir), an absolute folder path, file:///path or s3://bucket/prefix")
+        path = rest if sep else url
+        if not path.startswith("/"):
+            raise SettingsError(f"archive.url: {path!r} is not an absolute folder path")
+
+    @property
+    def is_s3(self) -> bool:
+        return self.url.startswith(f"{ARCHIVE_S3_SCHEME}://")
+
+    def folder(self, data_dir: str | os.PathLike[str]) -> Path:
+        """The archive folder (not for ``s3://``)."""
+        if not self.url:
+            return Path(data_dir) / "archive"
+        return Path(self.url.removeprefix("file://"))
+
+    def s3_location(self) -> tuple[str, str]:
+        """(bucket, prefix) of an ``s3://`` url; the prefix without slashes at either end."""
+        bucket, _, prefix = self.url.removeprefix(f"{ARCHIVE_S3_SCHEME}://").partition("/")
+        return bucket, prefix.strip("/")
 
 
 @dataclass(frozen=True)
@@ -505,6 +586,7 @@ class Settings:
 
     node: NodeSettings = field(default_factory=NodeSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     models: ModelsSettings = field(default_factory=ModelsSettings)
@@ -558,6 +640,7 @@ class Settings:
 _SECTIONS: dict[str, type] = {
     "node": NodeSettings,
     "queue": QueueSettings,
+    "archive": ArchiveSettings,
     "tls": TlsSettings,
     "worker": WorkerSettings,
     "models": ModelsSettings,
@@ -686,6 +769,8 @@ def describe(settings: Settings) -> dict[str, Any]:
     if out["web"]["token"]:
         out["web"]["token"] = "(set, not shown)"
     out["queue"]["url"] = settings.queue.masked_url
+    if out["archive"]["s3_secret_access_key"]:
+        out["archive"]["s3_secret_access_key"] = "(set, not shown)"
     return _tuples_to_lists(out)
 
 
@@ -698,7 +783,7 @@ def _tuples_to_lists(value: Any) -> Any:
 
 
 __all__ = [
-    "AcceptanceSettings", "DatasetSettings", "Destination", "HousekeepingSettings", "HttpSettings", "ModelsSettings", "NodeSettings", "QueueSettings",
+    "AcceptanceSettings", "ArchiveSettings", "DatasetSettings", "Destination", "HousekeepingSettings", "HttpSettings", "ModelsSettings", "NodeSettings", "QueueSettings",
     "RetentionSettings",
     "SendSettings",
     "Settings", "SettingsError", "TlsSettings", "WebSettings", "WorkerSettings", "load_settings", "describe",

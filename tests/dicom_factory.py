@@ -200,6 +200,18 @@ def make_dx(
     return _encode(ds, transfer_syntax)
 
 
+def copies_in_one_study(base: Dataset, count: int, study_instance_uid: str) -> list[Dataset]:
+    """``count`` copies of ``base`` in one study, each its own series and SOP Instance UID (the
+    load and multi-host tests: many radiographs, one set of pixels)."""
+    out = []
+    for _ in range(count):
+        ds = copy.deepcopy(base)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_instance_uid, generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        out.append(ds)
+    return out
+
+
 def make_cr(
     png_path_or_array: str | Path | np.ndarray,
     *,

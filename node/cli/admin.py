@@ -6,7 +6,7 @@ import argparse
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node.cli.render import age, emit, human_bytes, iso, table
 from node.errors import NodeError
@@ -15,6 +15,9 @@ from node.queue.db import DATABASE_FILE, Database
 from node.queue.states import JobStatus
 from node.queue.tables import Job
 from node.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from node.archive import Archive
 
 
 def _db(args: argparse.Namespace) -> Database:
@@ -28,15 +31,16 @@ def _db(args: argparse.Namespace) -> Database:
 INTAKE_WINDOW_DAYS = 7
 
 
-def disk_status(settings: Settings, db: Database, now: datetime | None = None) -> dict[str, Any]:
+def disk_status(settings: Settings, db: Database, archive: Archive | None = None,
+                now: datetime | None = None) -> dict[str, Any]:
     """The data folder's file system (total, used, free), the archive's own size, the intake
     (bytes archived per day over the last :data:`INTAKE_WINDOW_DAYS` days, or since the first
     instance if that is more recent, at least a day) and the days until the free space reaches
     ``node.min_free_disk_mb`` (where C-STOREs are refused) at that intake; None when there is no
-    intake (unknown)."""
-    from node.archive import Archive
-    from node.retention import archive_size
+    intake (unknown). The archive is ``[archive] url``'s (an object store's size is listed from it)."""
+    from node.archive import open_archive
 
+    archive = archive if archive is not None else open_archive(settings)
     now = now or datetime.now(UTC)
     usage = shutil.disk_usage(settings.data_path)
     intake = repository.intake_since(db, now - timedelta(days=INTAKE_WINDOW_DAYS))
@@ -48,7 +52,8 @@ def disk_status(settings: Settings, db: Database, now: datetime | None = None) -
     return {
         "data_dir": str(settings.data_path),
         "total_bytes": usage.total, "used_bytes": usage.used, "free_bytes": usage.free,
-        "archive_bytes": archive_size(Archive(settings.data_path)),
+        "archive": archive.describe(),
+        "archive_bytes": archive.total_bytes(),
         "min_free_bytes": settings.node.min_free_disk_mb * 2**20,
         "intake_window_days": round(window_days, 2),
         "intake_instances": intake.instances,
@@ -77,7 +82,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         human += f"\nlast error (job {status.last_error_job_id}): {status.last_error}"
     headroom = "unknown (no intake)" if disk["headroom_days"] is None else f"{disk['headroom_days']:g} days"
     human += (f"\ndisk ({disk['data_dir']}): {human_bytes(disk['total_bytes'])} total, {human_bytes(disk['used_bytes'])} used, "
-              f"{human_bytes(disk['free_bytes'])} free; archive {human_bytes(disk['archive_bytes'])}"
+              f"{human_bytes(disk['free_bytes'])} free; archive ({disk['archive']}) {human_bytes(disk['archive_bytes'])}"
               f"\nintake: {human_bytes(disk['intake_bytes_per_day'])}/day over {disk['intake_window_days']:g} day(s) "
               f"({disk['intake_instances']} instance(s)); headroom until C-STOREs are refused: {headroom}")
     emit(data, args.json, human)
@@ -133,7 +138,9 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
                   for e in job.events],
     }
     if args.preview:
-        data["preview"] = str(_write_preview(job, args.preview))
+        from node.archive import open_archive
+
+        data["preview"] = str(_write_preview(job, args.preview, open_archive(load_settings(args.config))))
     head = "\n".join(f"{k}: {'-' if v is None else v}" for k, v in _job_summary(job).items())
     if job.results:
         head += "\nresults: " + ", ".join(f"{r.kind.upper()} {r.sop_instance_uid}" for r in job.results)
@@ -149,7 +156,7 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_preview(job: Job, target: str) -> Path:
+def _write_preview(job: Job, target: str, archive: Archive) -> Path:
     from node.results.preview import result_preview
 
     if job.purged_at is not None:
@@ -157,15 +164,16 @@ def _write_preview(job: Job, target: str) -> Path:
     seg, sr = job.result("seg"), job.result("sr")
     if seg is None or sr is None:
         raise NodeError(f"job {job.id} has no SEG and SR to show (state {job.status})")
-    files = [Path(job.instance.path), Path(seg.path), Path(sr.path)]
-    missing = [str(f) for f in files if not f.exists()]
+    keys = [job.instance.path, seg.path, sr.path]
+    missing = [key for key in keys if not archive.exists(key)]
     if missing:
         raise NodeError(f"job {job.id}: archived file missing: {missing[0]}")
     out = Path(target)
     if out.suffix.lower() != ".png":
         raise NodeError(f"--preview needs a .png file name, got {target!r}")
     try:
-        picture = result_preview(*files)
+        with archive.local_files(keys) as files:
+            picture = result_preview(*files)
     except ValueError as exc:
         raise NodeError(f"job {job.id}: cannot draw the preview: {exc}") from None
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from node.archive import Archive
+from node.archive import open_archive
 from node.cli.admin import _db
 from node.cli.render import emit, human_bytes, table
 from node.settings import load_settings
@@ -35,7 +35,7 @@ def cmd_archive_purge(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     db = _db(args)
     try:
-        report = retention.purge(settings, db, Archive(settings.data_path), dry_run=args.dry_run)
+        report = retention.purge(settings, db, open_archive(settings), dry_run=args.dry_run)
     finally:
         db.dispose()
     emit(report, args.json, render(report))

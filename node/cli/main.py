@@ -21,18 +21,22 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
-def cmd_serve(args: argparse.Namespace, *, listen: bool = True) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
     from node import logs
-    from node.service import Service
+    from node.service import Service, parse_roles
 
     settings = _settings(args)
+    if args.role:
+        roles = parse_roles(args.role)
+    else:  # every role; the worker (and its sender) unless [worker] enabled = false
+        roles = frozenset({"receiver", "worker", "sender"} if settings.worker.enabled else {"receiver"})
     logs.configure(settings.node.log_level, settings.data_path)
-    work = settings.worker.enabled or not listen
-    return Service(settings, listen=listen, work=work).run()
+    return Service(settings, listen="receiver" in roles, work="worker" in roles, send="sender" in roles).run()
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    return cmd_serve(args, listen=False)
+    args.role = "worker,sender"
+    return cmd_serve(args)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -56,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", parents=[common], help="receive, analyse and send (the node)")
+    p.add_argument("--role", metavar="R[,R...]",
+                   help="run only these roles: receiver (the DICOM listener), worker (the networks), sender "
+                        "(results to the destinations); default all. Any number of each may share one "
+                        "queue ([queue] url) and archive ([archive] url), on any hosts")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("worker", parents=[common], help="analyse and send only, against the same queue")
     p.set_defaults(func=cmd_worker)

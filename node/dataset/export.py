@@ -56,7 +56,7 @@ from PIL import Image
 from pydicom import dcmread
 
 from models.transforms import resize_area
-from node.archive import make_private_dirs
+from node.archive import Archive, ArchiveError, make_private_dirs, open_archive
 from node.dataset import deid
 from node.dataset.labels import PacsLabels, TbLabelCsv, own_seg_lungs, pseudo_quality
 from node.dicom import ANALYSED_SOP_CLASSES
@@ -131,7 +131,7 @@ def _write_png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(np.ascontiguousarray(array)).save(path, format="PNG", optimize=True)
 
 
-def export(settings: Settings, db: Database, options: ExportOptions) -> dict[str, Any]:
+def export(settings: Settings, db: Database, options: ExportOptions, archive: Archive | None = None) -> dict[str, Any]:
     """Export the selected radiographs to ``options.out``; returns the summary (counts).
 
     Raises:
@@ -143,6 +143,7 @@ def export(settings: Settings, db: Database, options: ExportOptions) -> dict[str
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise NodeError(f"--out {out}: exists and is not an empty folder (an export never mixes with other files)")
     key = deid.load_or_create_key(settings.data_path)
+    archive = archive if archive is not None else open_archive(settings)
     export_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
     candidates = repository.dataset_candidates(
         db, states=options.states, since=options.since, until=options.until,
@@ -160,7 +161,7 @@ def export(settings: Settings, db: Database, options: ExportOptions) -> dict[str
         for folder in ("images", "masks", "headers"):
             (work / folder).mkdir(mode=0o700)
         for candidate in candidates:
-            row = _export_one(candidate, key, options, pacs, work, tally)
+            row = _export_one(candidate, key, options, pacs, work, tally, archive)
             if row is not None:
                 rows.append(row)
                 reid.append((row["case_id"], str(candidate.job_id), candidate.study_instance_uid,
@@ -182,18 +183,18 @@ def export(settings: Settings, db: Database, options: ExportOptions) -> dict[str
 
 
 def _export_one(candidate: repository.DatasetCandidate, key: bytes, options: ExportOptions,
-                pacs: PacsLabels | None, work: Path, tally: _Tally) -> dict[str, str] | None:
+                pacs: PacsLabels | None, work: Path, tally: _Tally, archive: Archive) -> dict[str, str] | None:
     job = candidate.job_id
     if candidate.purged_at is not None:
         return _skip(tally, job, "purged")
     if not candidate.source_path:
         return _skip(tally, job, "not_kept")
-    path = Path(candidate.source_path)
-    if not path.is_file():
+    if not archive.exists(candidate.source_path):
         return _skip(tally, job, "missing")
     try:
-        ds = dcmread(path)
-    except MemoryError:
+        with archive.local_file(candidate.source_path) as path:
+            ds = dcmread(path)
+    except (MemoryError, ArchiveError):  # the object store failing is not the file's fault
         raise
     except Exception:  # noqa: BLE001 - whatever the bytes are, the file is not exported
         return _skip(tally, job, "unreadable")
@@ -213,9 +214,10 @@ def _export_one(candidate: repository.DatasetCandidate, key: bytes, options: Exp
     corrected = pacs.corrected_mask(study, sop) if pacs is not None else None
     if corrected is not None:
         mask, label_source = to_export_grid(standard_view(ds, corrected), mask=True), "manual"
-    elif candidate.seg_path and Path(candidate.seg_path).is_file():
+    elif candidate.seg_path and archive.exists(candidate.seg_path):
         try:
-            left, right = own_seg_lungs(Path(candidate.seg_path), sop)
+            with archive.local_file(candidate.seg_path) as seg_file:
+                left, right = own_seg_lungs(seg_file, sop)
         except MemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - a damaged archived SEG is no label, not a failed export

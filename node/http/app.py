@@ -45,7 +45,8 @@ class HttpContext:
     """Everything a route may use, built once per process by :mod:`node.http.server`."""
 
     settings: Settings
-    #: ``serve`` (listens and works), ``listener`` (serve with the worker disabled) or ``worker``.
+    #: ``serve`` (listens and works), ``listener`` (serve with the worker disabled), ``worker``, or
+    #: the ``--role`` names joined by ``+`` (:func:`node.http.server.role_of`).
     role: str
     db: Database
     archive: Archive

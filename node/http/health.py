@@ -11,18 +11,17 @@
   - ``database``: the queue database opens, answers a read, and takes the write lock
     (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: ``LOCK TABLE jobs IN ROW EXCLUSIVE MODE``, what
     every write takes, refused by a read-only server; rolled back: nothing is written), within 2 s;
-  - ``archive``: a file can be created, written, fsync'd and removed in ``archive/tmp``, where
-    every archived object starts;
+  - ``archive``: a small object can be stored and removed (a folder: a file created, written,
+    fsync'd and removed in ``tmp/``, where every archived object starts; an object store: PUT
+    and DELETE);
   - ``disk``: free space of the data folder is at least ``node.min_free_disk_mb`` (below it
     C-STOREs are refused with 0xA700).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
-import tempfile
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -82,15 +81,9 @@ def _check_postgresql(db: Database, timeout_s: float) -> str:
 
 
 def check_archive(archive: Archive) -> str:
-    """Create, write, fsync and remove a file where archived objects are first written."""
-    fd, name = tempfile.mkstemp(dir=archive.tmp, prefix="readyz-", suffix=".probe")
-    try:
-        os.write(fd, b"cxrnode readiness probe\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-        os.unlink(name)
-    return f"writable ({archive.tmp})"
+    """Store and remove a small object (a folder: create, write, fsync and remove a file in
+    ``tmp/``, where archived objects are first written; an object store: PUT and DELETE)."""
+    return archive.probe()
 
 
 class NodeHealth:

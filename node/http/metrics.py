@@ -65,6 +65,8 @@ STAGES = ("receive", "queue_wait", "inference", "encoding", "sending", "end_to_e
 #: Stages observed by a process that listens, and by one that works.
 LISTENER_STAGES = ("receive",)
 WORKER_STAGES = ("queue_wait", "inference", "encoding", "sending", "end_to_end")
+#: Those of :data:`WORKER_STAGES` the sender observes.
+SENDER_STAGES = ("sending", "end_to_end")
 #: From a fast C-STORE (a few ms) to a job that waited behind a long queue or a PACS down for hours.
 BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
              300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
@@ -311,18 +313,20 @@ def exposition(role: str, *, db: Database | None = None, data_path: Path | None 
     return Exposition(*collectors)
 
 
-def prepare(*, listen: bool, work: bool, destinations: Iterable[str]) -> None:
+def prepare(*, listen: bool, work: bool, destinations: Iterable[str], send: bool | None = None) -> None:
     """Show the series this process will report, at 0, before the first event (so that a rate
-    or an alert on them has data from the start)."""
+    or an alert on them has data from the start). ``send`` defaults to ``work``."""
+    send = work if send is None else send
     if listen:
         for stage in LISTENER_STAGES:
             STAGE_SECONDS.labels(stage)
         CSTORES.labels("0x0000")
         for result in ("accepted", "rejected"):
             ASSOCIATIONS.labels(result)
-    if work:
-        for stage in WORKER_STAGES:
+    for stage in WORKER_STAGES:
+        if (work and stage not in SENDER_STAGES) or (send and stage in SENDER_STAGES):
             STAGE_SECONDS.labels(stage)
+    if send:
         for name in destinations:
             SEND_ATTEMPTS.labels(name)
             SEND_FAILURES.labels(name)

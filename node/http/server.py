@@ -8,9 +8,10 @@ set. The socket is bound here, before the thread starts, so that a port already 
 start-up with a message naming the key (``http.port`` / ``http.worker_port``) instead of a
 thread dying quietly, and port 0 (tests) reports the port it got.
 
-Which port a process uses: one that listens for DICOM (``cxrnode serve``) binds ``http.port``;
-``cxrnode worker`` binds ``http.worker_port``, so both run from one configuration file on one
-host. Each serves its own ``/metrics`` (see ``docs/ARCHITECTURE.md``, "Decisions").
+Which port a process uses: one that listens for DICOM (``cxrnode serve``, or a ``--role`` with
+``receiver``) binds ``http.port``; any other (``cxrnode worker``, ``--role worker``, ``--role
+sender``) binds ``http.worker_port``, so a receiver and a worker run from one configuration file on
+one host (more processes on one host each need their own ``CXRNODE_HTTP_WORKER_PORT``). Each serves its own ``/metrics`` (see ``docs/ARCHITECTURE.md``, "Decisions").
 """
 
 from __future__ import annotations
@@ -36,11 +37,24 @@ GRACE_S = 2.0
 START_TIMEOUT_S = 10.0
 
 
-def role_of(*, listen: bool, work: bool) -> str:
-    """``serve``, ``listener`` or ``worker`` (empty: neither, a test's bare Service)."""
-    if listen:
-        return "serve" if work else "listener"
-    return "worker" if work else ""
+def role_of(*, listen: bool, work: bool, send: bool | None = None) -> str:
+    """The process's role in ``cxrnode_build_info`` and its HTTP context: ``serve`` (receiver,
+    worker and sender), ``listener`` (receiver only), ``worker`` (worker and sender), else the
+    roles it runs joined by ``+`` (``receiver+sender``, ``sender``, ``inference``); empty: none,
+    a test's bare Service. ``send`` defaults to ``work``."""
+    send = work if send is None else send
+    if listen and work and send:
+        return "serve"
+    if listen and not (work or send):
+        return "listener"
+    if work and send and not listen:
+        return "worker"
+    return "+".join(name for name, on in (("receiver", listen), ("inference", work), ("sender", send)) if on)
+
+
+def role_listens(role: str) -> bool:
+    """Whether a process of ``role`` (see :func:`role_of`) runs the DICOM listener."""
+    return role in ("serve", "listener") or "receiver" in role.split("+")
 
 
 def bind(host: str, port: int, key: str) -> socket.socket:
@@ -76,10 +90,11 @@ class HttpService:
 
     def __init__(self, settings: Settings, db: Database, archive: Archive, *, listen: bool,
                  work: bool, threads: Callable[[], Iterable[threading.Thread]],
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, send: bool | None = None) -> None:
         self.settings, self.db, self.archive = settings, db, archive
         self.listen, self.work = listen, work
-        self.role = role_of(listen=listen, work=work)
+        self.send = work if send is None else send
+        self.role = role_of(listen=listen, work=work, send=self.send)
         self.health = NodeHealth(data_path=settings.data_path, archive=archive,
                                  min_free_bytes=settings.node.min_free_disk_mb * 2**20, work=work,
                                  threads=threads, stop=stop, db=db)
@@ -107,7 +122,7 @@ class HttpService:
         from node.http.app import HttpContext, create_app
 
         cfg = self.settings.http
-        metrics.prepare(listen=self.listen, work=self.work,
+        metrics.prepare(listen=self.listen, work=self.work, send=self.send,
                         destinations=[d.name for d in self.settings.destinations])
         exposition = metrics.exposition(
             self.role, db=self.db if self.listen else None, data_path=self.settings.data_path,

@@ -52,17 +52,17 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
+from node.archive import Archive, Stored
 from node.cli.render import age, human_bytes, iso
 from node.errors import NodeError
 from node.http.app import HttpContext
+from node.http.server import role_listens
 from node.queue import audit, repository
 from node.queue.states import InvalidTransition, JobStatus
 from node.queue.tables import Job
 
 log = logging.getLogger(__name__)
 
-#: Roles whose HTTP server serves the pages (see :func:`node.http.server.role_of`).
-SERVING_ROLES = frozenset({"serve", "listener"})
 #: The header a script may send the token in, instead of the form field ``token``.
 TOKEN_HEADER = "x-cxrnode-token"
 #: Largest retry POST body read, bytes (a form with one field is far smaller).
@@ -118,15 +118,15 @@ def score(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def preview_files(job: Job) -> tuple[list[Path] | None, str]:
-    """The archived files a job's preview is drawn from (source, SEG, SR; or the SC alone), or
+def preview_files(job: Job, archive: Archive) -> tuple[list[Stored] | None, str]:
+    """The archived objects a job's preview is drawn from (source, SEG, SR; or the SC alone), or
     None and why there is no preview, in words for the page."""
     if job.purged_at is not None:
         return None, f"{repository.purged_message(job)}: there is no preview."
     seg, sr, sc = job.result("seg"), job.result("sr"), job.result("sc")
     if seg is None or sr is None:
         if sc is not None:
-            files = [Path(sc.path)]
+            keys = [sc.path]
         elif job.status == JobStatus.DISCARDED:
             return None, ("The job was discarded, so it has no results and no preview"
                           + (f" (reason: {job.discard_reason})." if job.discard_reason else "."))
@@ -136,15 +136,21 @@ def preview_files(job: Job) -> tuple[list[Path] | None, str]:
         else:
             return None, f"No results yet (state {job.status}): the preview appears once the job is encoded."
     else:
-        files = [Path(job.instance.path), Path(seg.path), Path(sr.path)]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        return None, f"An archived file is missing ({missing[0]}): no preview."
-    return files, ""
+        keys = [job.instance.path, seg.path, sr.path]
+    found = [Stored(key, size) for key in keys if (size := archive.size(key)) is not None]
+    if len(found) < len(keys):
+        missing = next(key for key in keys if key not in {item.key for item in found})
+        return None, f"An archived file is missing ({missing}): no preview."
+    return found, ""
 
 
-def render_preview(files: list[Path]) -> bytes:
-    """The PNG of :func:`preview_files`' files (ValueError when they cannot be drawn)."""
+def render_preview(archive: Archive, objects: list[Stored]) -> bytes:
+    """The PNG of :func:`preview_files`' objects (ValueError when they cannot be drawn)."""
+    with archive.local_files(item.key for item in objects) as files:
+        return _render(files)
+
+
+def _render(files: list[Path]) -> bytes:
     from PIL import Image
 
     if len(files) == 3:
@@ -161,14 +167,15 @@ def render_preview(files: list[Path]) -> bytes:
     return out.getvalue()
 
 
-def patient_data(job: Job) -> dict[str, str] | None:
+def patient_data(job: Job, archive: Archive) -> dict[str, str] | None:
     """Patient ID and Patient Name from the archived image's header, if it is still there."""
-    if job.purged_at is not None or not job.instance.path or not Path(job.instance.path).is_file():
+    if job.purged_at is not None or not job.instance.path or not archive.exists(job.instance.path):
         return None
     from pydicom import dcmread
 
     try:
-        header = dcmread(job.instance.path, stop_before_pixels=True, specific_tags=["PatientID", "PatientName"])
+        with archive.local_file(job.instance.path) as path:
+            header = dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "PatientName"])
     except Exception as exc:  # noqa: BLE001 - the page says it could not be read
         log.warning("web: job %d: cannot read the archived header: %s", job.id, type(exc).__name__)
         return None
@@ -178,18 +185,18 @@ def patient_data(job: Job) -> dict[str, str] | None:
 class _Previews:
     """Rendered previews: at most one rendering at a time, the last few kept in memory."""
 
-    def __init__(self, size: int = PREVIEW_CACHE_SIZE) -> None:
-        self.size = size
+    def __init__(self, archive: Archive, size: int = PREVIEW_CACHE_SIZE) -> None:
+        self.archive, self.size = archive, size
         self._cache: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, job_id: int, files: list[Path]) -> bytes:
-        key = (job_id, *((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+    def get(self, job_id: int, objects: list[Stored]) -> bytes:
+        key = (job_id, *objects)  # keys and sizes: a re-analysis writes new bytes under the same keys
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-            png = render_preview(files)
+            png = render_preview(self.archive, objects)
             self._cache[key] = png
             while len(self._cache) > self.size:
                 self._cache.popitem(last=False)
@@ -211,7 +218,7 @@ class _Disk:
         with self._lock:
             if self._value is None or time.monotonic() - self._at > DISK_CACHE_S:
                 try:
-                    self._value = disk_status(self.context.settings, self.context.db)
+                    self._value = disk_status(self.context.settings, self.context.db, self.context.archive)
                     self._value["measured_at"] = datetime.now(UTC)
                 except OSError as exc:
                     log.warning("web: cannot measure the disk: %s", exc)
@@ -237,10 +244,10 @@ def _secure(response: Response) -> Response:
 def routes(context: HttpContext) -> list[BaseRoute]:
     """The admin pages, in processes that listen and with ``[web] enabled``; none otherwise."""
     web = context.settings.web
-    if not web.enabled or context.role not in SERVING_ROLES:
+    if not web.enabled or not role_listens(context.role):
         return []
     templates = _templates()
-    previews, disk = _Previews(), _Disk(context)
+    previews, disk = _Previews(context.archive), _Disk(context)
     db = context.db
     static = {name: (resources.files("node.http").joinpath("static", name).read_bytes(), media_type)
               for name, media_type in STATIC_FILES.items()}
@@ -284,12 +291,12 @@ def routes(context: HttpContext) -> list[BaseRoute]:
         job = job_or_none(job_id)
         if job is None:
             return problem(request, 404, "No such job", f"There is no job {job_id}.")
-        files, no_preview = preview_files(job)
+        files, no_preview = preview_files(job, context.archive)
         return page(request, "job.html", title=f"cxrnode: job {job.id}", job=job,
                     preview=files is not None, no_preview=no_preview,
                     retry_enabled=bool(web.token), retried=request.query_params.get("retried") == "1",
                     show_patient_data=web.show_patient_data,
-                    patient=patient_data(job) if web.show_patient_data else None,
+                    patient=patient_data(job, context.archive) if web.show_patient_data else None,
                     purged=repository.purged_message(job) if job.purged_at is not None else "")
 
     def preview(request: Request) -> Response:
@@ -297,7 +304,7 @@ def routes(context: HttpContext) -> list[BaseRoute]:
         job = job_or_none(job_id)
         if job is None:
             return _secure(PlainTextResponse(f"no job {job_id}", status_code=404))
-        files, why = preview_files(job)
+        files, why = preview_files(job, context.archive)
         if files is None:
             return _secure(PlainTextResponse(why, status_code=410 if job.purged_at is not None else 404))
         try:

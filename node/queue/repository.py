@@ -471,12 +471,13 @@ def get_job(db: Database, job_id: int) -> Job:
 
 
 def release_orphans(db: Database, host: str, pid: int, alive: Callable[[int], bool]) -> list[int]:
-    """Return leased jobs whose owner process on ``host`` is gone (e.g. after ``kill -9``).
+    """Return leased jobs whose owner process of instance ``host`` is gone (e.g. after ``kill -9``).
 
-    Owners are ``host:pid:role``. A lease held on this host by a pid that is not alive, or by
-    our own pid (a restarted container reuses pid 1), cannot be renewed by anyone: it goes
-    back at once instead of waiting for the lease to expire. Other hosts' leases are left to
-    expire and be reaped.
+    Owners are ``instance:pid:role`` (the instance: ``[node] instance_name``, default the host
+    name). A lease held by this instance with a pid that is not alive, or with our own pid (a
+    restarted container reuses pid 1), cannot be renewed by anyone: it goes back at once instead
+    of waiting for the lease to expire. Other instances' leases are left to expire and be reaped
+    (their pids mean nothing here).
     """
     released: list[int] = []
     with db.session() as session:

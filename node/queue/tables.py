@@ -48,6 +48,8 @@ class Instance(Base):
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    #: archive key (``received/<study>/<sop>.dcm``, relative to ``[archive] url``, the same on every
+    #: host; :mod:`node.archive`), "" when the bytes were not kept
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(Integer)
     calling_ae_title: Mapped[str] = mapped_column(String(16))
@@ -104,6 +106,7 @@ class ResultObject(Base):
     kind: Mapped[str] = mapped_column(String(16))
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    #: archive key (``results/<job>/<kind>.dcm``; :mod:`node.archive`)
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

@@ -1,7 +1,7 @@
 """DIMSE event handlers: thin. Archive the bytes, queue the job, answer with a status.
 
-A C-STORE is answered Success only after the object is on disk (fsync'd and renamed) and its
-job row is committed. Every failure maps to a DIMSE status and is logged with the SOP Instance
+A C-STORE is answered Success only after the object is durable in the archive (a folder's file
+fsync'd and renamed, an object store's PUT returned) and its job row is committed. Every failure maps to a DIMSE status and is logged with the SOP Instance
 UID only, never a patient identifier.
 """
 
@@ -13,14 +13,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from hashlib import sha256
-from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import events
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.archive import Archive, UnsafeUID, check_uid
+from node.archive import Archive, UnsafeUID, check_uid, key_name
 from node.dicom import ANALYSED_SOP_CLASSES, Status
 from node.queue import repository
 from node.queue.db import Database
@@ -106,7 +105,8 @@ def handle_store(event: events.Event, ctx: StoreContext) -> int:
     C-STORE; a duplicate's earlier file is hashed only when its size matches.
     """
     request_uid = str(event.request.AffectedSOPInstanceUID)
-    if ctx.archive.free_bytes() < ctx.min_free_bytes:
+    free = ctx.archive.free_bytes()
+    if free is not None and free < ctx.min_free_bytes:
         log.error("C-STORE %s refused: free disk below the configured minimum", request_uid[:64])
         return Status.OUT_OF_RESOURCES
     checked = _check_uids(event, request_uid)
@@ -183,9 +183,9 @@ def _uid(ds: Dataset, keyword: str) -> str:
 
 def _store_new(event: events.Event, ctx: StoreContext, study_uid: str, series_uid: str) -> int:
     sop_instance_uid = str(event.request.AffectedSOPInstanceUID)
-    path = ctx.archive.received_path(study_uid, sop_instance_uid)
-    size = ctx.archive.write_atomic(path, event.encoded_dataset())
-    result = repository.enqueue(ctx.db, _received(event, study_uid, series_uid, str(path), size))
+    key = ctx.archive.received_key(study_uid, sop_instance_uid)
+    size = ctx.archive.put(key, event.encoded_dataset())
+    result = repository.enqueue(ctx.db, _received(event, study_uid, series_uid, key, size))
     if ctx.wakeups is not None and not result.duplicate:
         ctx.wakeups.ring(Stage.QUEUED)
     log.info("C-STORE %s from %s: archived, job %d queued", sop_instance_uid,
@@ -200,16 +200,16 @@ def _store_duplicate(event: events.Event, ctx: StoreContext, known: repository.K
     calling = event.assoc.requestor.ae_title
     data = event.encoded_dataset()
     # ``path`` is empty when the first one's bytes were not kept (a class the node drops)
-    version = ctx.archive.keep_version(Path(known.path), data, known.size_bytes) if known.path else None
+    version = ctx.archive.keep_version(known.path, data, known.size_bytes) if known.path else None
     different = None if version is None else (
         f"different content (sha256 {sha256(data).hexdigest()[:16]}) from {calling} archived as "
-        f"{version.name}; not processed again")
+        f"{key_name(version)}; not processed again")
     repository.record_duplicate(ctx.db, known.job_id, calling, different)
     if version is None:
         log.info("C-STORE %s: identical duplicate of job %d, acknowledged", sop_instance_uid, known.job_id)
     else:
         log.warning("C-STORE %s: duplicate with different content kept as %s (job %d)",
-                    sop_instance_uid, version.name, known.job_id)
+                    sop_instance_uid, key_name(version), known.job_id)
     return Status.SUCCESS
 
 

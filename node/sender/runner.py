@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 from functools import partial
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 from node import faults
+from node.archive import Archive, open_archive
 from node.errors import PermanentSendError, SendError, SettingsError
 from node.http import metrics
 from node.loop import describe, run_loop
@@ -30,9 +33,10 @@ class Sender:
     """
 
     def __init__(self, settings: Settings, db: Database, stop: threading.Event,
-                 wakeups: Wakeups | None = None) -> None:
+                 wakeups: Wakeups | None = None, *, archive: Archive | None = None) -> None:
         self.settings, self.db, self.stop, self.wakeups = settings, db, stop, wakeups
-        self.owner = worker_name("send")
+        self.archive = archive if archive is not None else open_archive(settings)
+        self.owner = worker_name(settings, "send")
 
     def run_forever(self) -> None:
         """Send until ``stop`` is set; raises :class:`node.loop.GiveUp` if the queue stays unreachable."""
@@ -72,6 +76,28 @@ class Sender:
     def _send(self, job_id: int, recorded: set[str]) -> None:
         cfg = self.settings.send
         job = repository.get_job(self.db, job_id)
+        with ExitStack() as opened:
+            local: dict[str, Path] = {}  # key -> local file, fetched once per round (object store)
+
+            def files_for(dest: Destination) -> list[Path]:
+                for key in (keys := self._keys_for(job, dest)):
+                    if key not in local:
+                        local[key] = opened.enter_context(self.archive.local_file(key))
+                return [local[key] for key in keys]
+
+            attempts = self._send_each(job_id, recorded, files_for)
+        faults.fire("db-record")
+        status = repository.finish_sending(self.db, job_id, self.owner,
+                                           max_attempts=cfg.max_attempts,
+                                           delay_s=cfg.delay_after(max(attempts, 1)))
+        metrics.job_sent(job, status)
+        log.info("job %d: %s", job_id, status)
+
+    def _send_each(self, job_id: int, recorded: set[str],
+                   files_for: Callable[[Destination], list[Path]]) -> int:
+        """One C-STORE association per destination still pending; each outcome recorded on its
+        delivery. Returns the most attempts any destination has had."""
+        cfg = self.settings.send
         attempts = 0
         for name in repository.pending_deliveries(self.db, job_id):
             error: str | None = None
@@ -79,7 +105,7 @@ class Sender:
             started = metrics.now()
             try:
                 dest = self.settings.destination(name)
-                scu.store(dest, self._files_for(job, dest), self.settings.node.ae_title, cfg.timeout_s)
+                scu.store(dest, files_for(dest), self.settings.node.ae_title, cfg.timeout_s)
             except SendError as exc:
                 error = str(exc)
                 permanent = isinstance(exc, PermanentSendError)
@@ -95,12 +121,7 @@ class Sender:
             recorded.add(name)
             log.log(logging.WARNING if error else logging.INFO, "job %d -> %s: %s", job_id,
                     name, error or "stored")
-        faults.fire("db-record")
-        status = repository.finish_sending(self.db, job_id, self.owner,
-                                           max_attempts=cfg.max_attempts,
-                                           delay_s=cfg.delay_after(max(attempts, 1)))
-        metrics.job_sent(job, status)
-        log.info("job %d: %s", job_id, status)
+        return attempts
 
     def _record_failed_round(self, job_id: int, recorded: set[str], error: str) -> None:
         """Count the round as a failed attempt for each destination not recorded yet, then retry or
@@ -125,14 +146,14 @@ class Sender:
         log.warning("job %d: %s after a failed send round", job_id, status)
 
     @staticmethod
-    def _files_for(job: Job, dest: Destination) -> list[Path]:
-        """The archived results ``dest`` receives, in the order of its ``outputs``.
+    def _keys_for(job: Job, dest: Destination) -> list[str]:
+        """The archive keys of the results ``dest`` receives, in the order of its ``outputs``.
 
         Raises:
             PermanentSendError: the job has none of them (e.g. encoded before an output was
                 added to the destination: ``cxrnode jobs retry`` after re-analysis makes them).
         """
-        files = [Path(r.path) for kind in dest.outputs if (r := job.result(kind)) is not None]
-        if not files:
+        keys = [r.path for kind in dest.outputs if (r := job.result(kind)) is not None]
+        if not keys:
             raise PermanentSendError(f"job {job.id} has none of the outputs {list(dest.outputs)} for {dest.name}")
-        return files
+        return keys

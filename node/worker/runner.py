@@ -9,7 +9,6 @@ import socket
 import threading
 from functools import partial
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from node import faults
@@ -29,9 +28,14 @@ from node.worker.shadow import event_message
 log = logging.getLogger(__name__)
 
 
-def worker_name(role: str) -> str:
-    """Lease owner id: ``host:pid:role``; see :func:`node.queue.repository.release_orphans`."""
-    return f"{socket.gethostname()}:{os.getpid()}:{role}"
+def instance_name(settings: Settings) -> str:
+    """This instance's name in leases: ``[node] instance_name``, else the host name."""
+    return settings.node.instance_name or socket.gethostname()
+
+
+def worker_name(settings: Settings, role: str) -> str:
+    """Lease owner id: ``instance:pid:role``; see :func:`node.queue.repository.release_orphans`."""
+    return f"{instance_name(settings)}:{os.getpid()}:{role}"
 
 
 class InferenceWorker:
@@ -47,7 +51,7 @@ class InferenceWorker:
         self.settings, self.db, self.archive, self.pipeline = settings, db, archive, pipeline
         self.stop, self.wakeups = stop, wakeups
         # ``worker.concurrency`` workers share a process: each its own lease owner id and thread
-        self.owner = worker_name("infer" if number == 1 else f"infer{number}")
+        self.owner = worker_name(settings, "infer" if number == 1 else f"infer{number}")
         self.thread_name = "worker" if number == 1 else f"worker-{number}"
         self._doing = ""  # what run_once is doing with its job, for the error it records
 
@@ -96,7 +100,8 @@ class InferenceWorker:
         with LeaseKeeper(self.db, job_id, self.owner, cfg.lease_s) as lease:
             faults.pause("infer")
             try:
-                outcome = self.pipeline.run(Path(instance.path))
+                with self.archive.local_file(instance.path) as source:
+                    outcome = self.pipeline.run(source)
             except RejectedInput as exc:
                 log.info("job %d discarded: %s", job_id, exc)
                 self._doing = "recording the discard"
@@ -110,13 +115,12 @@ class InferenceWorker:
             if lease.lost.is_set():
                 raise repository.LeaseLost("the lease was lost during the analysis")
             self._doing = "writing the results"
-            results_dir = self.archive.results_dir(job_id)
             archived = []
             for result in outcome.results:
-                path = results_dir / f"{result.kind}.dcm"
-                self.archive.write_atomic(path, result.data)
+                key = self.archive.result_key(job_id, result.kind)
+                self.archive.put(key, result.data)
                 archived.append(repository.ArchivedResult(result.kind, result.sop_class_uid,
-                                                          result.sop_instance_uid, str(path)))
+                                                          result.sop_instance_uid, key))
             self._doing = "recording the results"
             repository.note(self.db, job_id, "infer", "ok", outcome.summary)
             faults.fire("db-record")

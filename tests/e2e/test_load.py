@@ -7,7 +7,6 @@ worker and the sender), not a speed test.
 
 from __future__ import annotations
 
-import copy
 import json
 import threading
 from pathlib import Path
@@ -17,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from node.dicom import DX_FOR_PRESENTATION
-from tests.dicom_factory import make_dx
+from tests.dicom_factory import copies_in_one_study, make_dx
 from tests.servers import NodeProcess, Orthanc, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -32,15 +31,7 @@ def test_eight_concurrent_senders(tmp_path: Path) -> None:
         extra={"worker": {"concurrency": 2}})  # the shipped default: two jobs analysed at once
     base = make_dx(DATA / "MCUCXR_0017_0.png", size=(512, 512))
     study_uid = generate_uid()
-    batches = []
-    for sender in range(SENDERS):
-        batch = []
-        for _ in range(PER_SENDER):
-            ds = copy.deepcopy(base)
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            batch.append(ds)
-        batches.append(batch)
+    batches = [copies_in_one_study(base, PER_SENDER, study_uid) for _ in range(SENDERS)]
     statuses: dict[str, int] = {}
     lock = threading.Lock()
 

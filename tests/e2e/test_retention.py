@@ -41,7 +41,7 @@ def jobs_by_sop(node: NodeProcess) -> dict[str, dict]:
 
 
 def files(node: NodeProcess, ds, job_id: int) -> dict[str, list[Path]]:  # type: ignore[no-untyped-def]
-    """A job's files where the archive keeps them (node/archive.py)."""
+    """A job's files where the folder archive keeps them (node/archive/folder.py)."""
     archive = node.data_dir / "archive"
     source = archive / "received" / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm"
     results = sorted((archive / "results" / str(job_id)).glob("*.dcm"))

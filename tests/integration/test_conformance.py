@@ -33,7 +33,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 
 from models.identity import ModelIdentity
 from models.inference import LungAnalysis
-from node.archive import Archive
+from node.archive import open_archive
 from node.dicom import ANALYSED_SOP_CLASSES, CR_IMAGE_STORAGE, STORAGE_SOP_CLASSES, VERIFICATION, Status
 from node.errors import PermanentSendError, TransientSendError
 from node.queue.db import Database
@@ -133,7 +133,7 @@ def start_listener(data_dir: Path, **env: str) -> tuple[Listener, Callable[[], N
     settings = load_settings(CONFIG, env={
         "CXRNODE_NODE_HOST": "127.0.0.1", "CXRNODE_NODE_PORT": str(port),
         "CXRNODE_NODE_DATA_DIR": str(data_dir), "CXRNODE_NODE_MIN_FREE_DISK_MB": "1", **env})
-    db, archive = Database(settings.data_path), Archive(settings.data_path)
+    db, archive = Database(settings.data_path), open_archive(settings)
     ae, _ = scp_server.start(settings, db, archive)
 
     def stop() -> None:

@@ -11,7 +11,7 @@ from pydicom.uid import BasicTextSRStorage, CTImageStorage, ExplicitVRLittleEndi
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node.archive import Archive
+from node.archive import open_archive
 from node.dicom import CR_IMAGE_STORAGE, DX_FOR_PRESENTATION
 from node.queue import repository
 from node.queue.db import Database
@@ -30,7 +30,7 @@ def listener(tmp_path: Path):
         "CXRNODE_NODE_HOST": "127.0.0.1", "CXRNODE_NODE_PORT": str(port),
         "CXRNODE_NODE_DATA_DIR": str(tmp_path / "var"), "CXRNODE_NODE_MIN_FREE_DISK_MB": "1",
         "CXRNODE_NODE_ALLOWED_CALLING_AE_TITLES": "GOODSCU,DCMTKSCU"})
-    db, archive = Database(settings.data_path), Archive(settings.data_path)
+    db, archive = Database(settings.data_path), open_archive(settings)
     ae, server = scp_server.start(settings, db, archive)
     yield settings, db, port
     ae.shutdown()
@@ -54,16 +54,16 @@ def test_store_archives_and_queues_before_success(listener, tmp_path: Path) -> N
     assoc.release()
     (job,) = repository.list_jobs(db)
     assert job.status == "queued"
-    stored = dcmread(job.instance.path)
+    stored = dcmread(settings.data_path / "archive" / job.instance.path)
     assert stored.SOPInstanceUID == ds.SOPInstanceUID
     assert (stored.pixel_array == ds.pixel_array).all()
-    assert Path(job.instance.path).stat().st_mode & 0o777 == 0o600
+    assert (settings.data_path / "archive" / job.instance.path).stat().st_mode & 0o777 == 0o600
     assert [e.outcome for e in repository.get_job(db, job.id).events] == ["ok", "duplicate"]
     assert not list((settings.data_path / "archive" / "tmp").iterdir())
 
 
 def test_echo_and_compressed_cr_from_dcmtk(listener) -> None:
-    _, db, port = listener
+    settings, db, port = listener
     echo = subprocess.run([dcmtk("echoscu"), "-aet", "DCMTKSCU", "-aec", "CXRNODE", "127.0.0.1", str(port)],
                           capture_output=True, text=True, timeout=60)
     assert echo.returncode == 0, echo.stderr
@@ -74,7 +74,7 @@ def test_echo_and_compressed_cr_from_dcmtk(listener) -> None:
     (job,) = repository.list_jobs(db)
     assert job.instance.sop_class_uid == CR_IMAGE_STORAGE
     assert job.instance.transfer_syntax_uid == "1.2.840.10008.1.2.4.91"  # kept as sent (JPEG 2000)
-    assert Path(job.instance.path).read_bytes() [128:132] == b"DICM"
+    assert (settings.data_path / "archive" / job.instance.path).read_bytes()[128:132] == b"DICM"
 
 
 def test_any_storage_class_is_acknowledged_and_an_off_target_one_is_discarded_unkept(listener) -> None:
@@ -100,14 +100,14 @@ def test_any_storage_class_is_acknowledged_and_an_off_target_one_is_discarded_un
 
 
 def test_secondary_capture_is_kept_for_the_acceptance_rules(listener) -> None:
-    _, db, port = listener
+    settings, db, port = listener
     ds = make_dx(DATA / "MCUCXR_0017_0.png", size=(256, 256))
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     assoc = associate(port, SecondaryCaptureImageStorage)
     assert assoc.send_c_store(ds).Status == 0x0000
     assoc.release()
     (job,) = repository.list_jobs(db)
-    assert job.status == "queued" and Path(job.instance.path).is_file()
+    assert job.status == "queued" and (settings.data_path / "archive" / job.instance.path).is_file()
 
 
 def test_calling_ae_not_on_the_allow_list_is_rejected(listener) -> None:

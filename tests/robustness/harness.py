@@ -20,7 +20,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
-from node.archive import Archive
+from node.archive import open_archive
+from node.archive.folder import FolderArchive
 from node.dicom import ANALYSED_SOP_CLASSES as ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES, VERIFICATION
 from node.queue import repository
 from node.queue.db import Database
@@ -66,7 +67,7 @@ class LocalNode:
 
     settings: Settings
     db: Database
-    archive: Archive
+    archive: FolderArchive
     worker: InferenceWorker | None
     ae: AE
     port: int
@@ -76,7 +77,8 @@ class LocalNode:
     def start(cls, data_dir: Path, analyzer: LungAnalyzer | None, **env: str) -> LocalNode:
         port = free_port()
         settings = node_settings(data_dir, port, **env)
-        db, archive = Database(settings.data_path), Archive(settings.data_path)
+        db, archive = Database(settings.data_path), open_archive(settings)
+        assert isinstance(archive, FolderArchive)
         ae, _server = scp_server.start(settings, db, archive)
         worker = None
         if analyzer is not None:

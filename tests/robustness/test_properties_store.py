@@ -110,7 +110,7 @@ def check_store(node: LocalNode, sender: Sender, workdir: Path, mutant: Mutant,
     (job,) = repository.list_jobs(node.db, limit=1)
     assert job.instance.sop_instance_uid == uid and job.status == "queued"
     assert [e.outcome for e in repository.get_job(node.db, job.id).events] == ["ok"]
-    assert Path(job.instance.path).read_bytes().endswith(data)
+    assert node.archive.read(job.instance.path).endswith(data)
     return uid
 
 
@@ -162,7 +162,7 @@ def test_worker_gives_every_stored_mutant_a_defined_outcome(node: LocalNode,
             assert job.discard_reason
         else:
             assert [r.kind for r in job.results] == ["seg", "sr"]
-            assert all(Path(r.path).exists() for r in job.results)
+            assert all(node.archive.exists(r.path) for r in job.results)
         if mutant.is_unchanged:
             assert job.status == "done"
         outcomes[job.status] = outcomes.get(job.status, 0) + 1

@@ -102,7 +102,7 @@ def test_identical_duplicate_only_adds_an_event(listener: LocalNode) -> None:
     assert listener.send(ds) == Status.SUCCESS
     job = listener.job(str(ds.SOPInstanceUID))
     assert [(e.step, e.outcome) for e in job.events] == [("receive", "ok"), ("receive", "duplicate")]
-    assert listener.received_files() == [Path(job.instance.path)]
+    assert listener.received_files() == [listener.archive.path(job.instance.path)]
 
 
 def test_duplicate_with_different_content_is_kept_as_a_version(listener: LocalNode) -> None:
@@ -112,7 +112,7 @@ def test_duplicate_with_different_content_is_kept_as_a_version(listener: LocalNo
                        study_instance_uid=uids["StudyInstanceUID"],
                        series_instance_uid=uids["SeriesInstanceUID"])
     assert listener.send(first) == Status.SUCCESS
-    original = Path(listener.job(uids["SOPInstanceUID"]).instance.path)
+    original = listener.archive.path(listener.job(uids["SOPInstanceUID"]).instance.path)
     before = sha256(original)
     assert listener.send(changed) == Status.SUCCESS
     assert listener.send(changed) == Status.SUCCESS  # the same new content again: no v3
@@ -144,7 +144,7 @@ def test_concurrent_senders_of_one_uid_lose_nothing(listener: LocalNode) -> None
         statuses = list(pool.map(listener.send, [first, other, first, other]))
     assert statuses == [Status.SUCCESS] * 4
     (job,) = listener.jobs()
-    original = Path(job.instance.path)
+    original = listener.archive.path(job.instance.path)
     assert listener.received_files() == [original, original.with_name(f"{original.stem}.v2.dcm")]
     kept = {dcmread(p).PhotometricInterpretation for p in listener.received_files()}
     assert kept == {"MONOCHROME1", "MONOCHROME2"}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pynetdicom import AE
 
-from node.archive import Archive
+from node.archive import open_archive
 from node.queue import audit
 from node.queue.db import Database
 from node.queue.tables import AssociationRecord
@@ -46,7 +46,7 @@ def start_listener(tmp_path: Path, **env: str) -> Iterator[Listener]:
         "CXRNODE_NODE_HOST": "127.0.0.1", "CXRNODE_NODE_PORT": str(port),
         "CXRNODE_NODE_DATA_DIR": str(tmp_path / "var"), "CXRNODE_NODE_MIN_FREE_DISK_MB": "1",
         "CXRNODE_NODE_NETWORK_TIMEOUT_S": "10", **env})
-    db, archive = Database(settings.data_path), Archive(settings.data_path)
+    db, archive = Database(settings.data_path), open_archive(settings)
     try:
         ae, _server = scp_server.start(settings, db, archive)
     except BaseException:

@@ -27,7 +27,7 @@ from pydicom.sr.coding import Code
 from models import data as model_data
 from models.identity import ModelIdentity
 from node import retention
-from node.archive import Archive
+from node.archive.folder import FolderArchive
 from node.cli.main import main as cli
 from node.dataset import deid
 from node.dataset.export import INDEX_COLUMNS, ExportOptions, export, to_export_grid
@@ -94,13 +94,13 @@ class NodeData:
 
     settings: Settings
     db: Database
-    archive: Archive
+    archive: FolderArchive
     sources: dict[int, Dataset] = field(default_factory=dict)
 
     def receive(self, ds: Dataset, *, calling: str = "MODALITY", received_at: datetime | None = None) -> int:
-        path = self.archive.received_path(ds.StudyInstanceUID, ds.SOPInstanceUID)
+        path = self.archive.received_key(ds.StudyInstanceUID, ds.SOPInstanceUID)
         data = part10(ds)
-        self.archive.write_atomic(path, data)
+        self.archive.put(path, data)
         job_id = repo.enqueue(self.db, repo.ReceivedInstance(
             ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
             str(ds.file_meta.TransferSyntaxUID), str(path), len(data), calling)).job_id
@@ -114,8 +114,8 @@ class NodeData:
         """What the worker and sender do: the node's SEG archived and recorded, delivered: done."""
         assert repo.claim(self.db, JobStatus.QUEUED, JobStatus.PROCESSING, OWNER, 600) == job_id
         seg = build_segmentation(self.sources[job_id], left, right, ALGORITHMS.segmenter)
-        path = self.archive.results_dir(job_id) / "seg.dcm"
-        self.archive.write_atomic(path, part10(seg))
+        path = self.archive.result_key(job_id, "seg")
+        self.archive.put(path, part10(seg))
         repo.mark_encoded(self.db, job_id, OWNER, tb_score,
                           [repo.ArchivedResult("seg", seg.SOPClassUID, seg.SOPInstanceUID, str(path))], ["pacs"])
         assert repo.claim(self.db, JobStatus.ENCODED, JobStatus.SENDING, OWNER, 600) == job_id
@@ -142,7 +142,7 @@ class NodeData:
 def node(tmp_path: Path) -> NodeData:
     data = tmp_path / "var"
     settings = Settings(node=NodeSettings(data_dir=str(data)), retention=RetentionSettings(images_days=1))
-    return NodeData(settings, Database(data), Archive(data))
+    return NodeData(settings, Database(data), FolderArchive(data / "archive"))
 
 
 def read_rows(out: Path) -> list[dict[str, str]]:

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from node.archive import Archive
+from node.archive import open_archive
 from node.errors import SettingsError
 from node.http import metrics
 from node.http.app import HttpContext, core_routes, create_app
@@ -59,7 +59,7 @@ class Node:
                  http: str = "port = 0\nworker_port = 0\n") -> None:
         self.settings = settings_for(tmp_path, http)
         self.db = Database(self.settings.data_path)
-        self.archive = Archive(self.settings.data_path)
+        self.archive = open_archive(self.settings)
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
         self.http = HttpService(self.settings, self.db, self.archive, listen=listen, work=work,

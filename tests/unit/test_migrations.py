@@ -129,6 +129,38 @@ def test_a_new_queue_is_at_head_and_matches_the_tables(empty: Queue) -> None:
     db.dispose()
 
 
+def test_0007_turns_host_paths_into_archive_keys(empty: Queue) -> None:
+    """A queue of 0006 held the host paths of the files under ``<data_dir>/archive``; after 0007
+    it holds keys relative to the archive, and a value under no archive folder is left alone."""
+    db = Database(empty.data_dir, empty.url)
+    paths = {1: "/var/lib/cxrnode/archive/received/1.2.3/1.2.3.1.dcm",  # data_dir absolute
+             2: "var/archive/received/1.2.3/1.2.3.2.dcm",  # data_dir relative to the working directory
+             3: "received/1.2.3/1.2.3.3.dcm",  # a key already
+             4: "/mnt/elsewhere/4.dcm"}  # never written by the node
+    for n, path in paths.items():
+        repo.enqueue(db, repo.ReceivedInstance(f"1.2.3.{n}", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3", "1.2.3.9",
+                                               "1.2.840.10008.1.2.1", path, 10, "SCU"))
+    assert repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "old:1:w", 60) == 1
+    repo.mark_encoded(db, 1, "old:1:w", 0.5, [
+        repo.ArchivedResult("seg", "1.2.840.10008.5.1.4.1.1.66.4", "1.2.9.1", "/var/lib/cxrnode/archive/results/1/seg.dcm"),
+        repo.ArchivedResult("sr", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.9.2", "/srv/x/archive/results/1/sr.dcm")], [])
+    repo.record_discarded(db, repo.ReceivedInstance("1.2.3.5", "1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.3.9",
+                                                    "1.2.840.10008.1.2.1", "", 0, "SCU"), "CT: not kept")
+    with db.engine.begin() as connection:  # 0007 changes no table: the same rows as 0006 held them
+        connection.execute(text("UPDATE alembic_version SET version_num = '0006'"))
+    db.dispose()
+
+    engine = Database(empty.data_dir, empty.url).engine  # opening the queue upgrades it
+    assert migrate.current_revision(engine) == migrate.head_revision()
+    with engine.connect() as connection:
+        instances = dict(connection.execute(text("SELECT id, path FROM instances ORDER BY id")).all())
+        results = connection.execute(text("SELECT kind, path FROM results ORDER BY kind")).all()
+    assert instances == {1: "received/1.2.3/1.2.3.1.dcm", 2: "received/1.2.3/1.2.3.2.dcm",
+                         3: "received/1.2.3/1.2.3.3.dcm", 4: "/mnt/elsewhere/4.dcm", 5: ""}
+    assert [tuple(r) for r in results] == [("seg", "results/1/seg.dcm"), ("sr", "results/1/sr.dcm")]
+    engine.dispose()
+
+
 def test_the_v010_queue_upgrades_with_every_job_event_and_delivery(old: Queue) -> None:
     path = old
     assert rows(path, "SELECT count(*) FROM jobs") == [(len(V010_STATES),)]
@@ -159,7 +191,7 @@ def test_the_v010_queue_upgrades_with_every_job_event_and_delivery(old: Queue) -
         assert job.result("sc") is None
     assert [len(repo.get_job(db, i).results) for i in (1, 5, 7, 8)] == [0, 0, 0, 0]
     assert rows(path, "SELECT * FROM associations ORDER BY id") == associations_before
-    assert rows(path, "SELECT * FROM instances ORDER BY id") == instances_before
+    assert rows(path, "SELECT * FROM instances ORDER BY id") == instances_before  # 0007: its paths lie under no archive/ folder
     # 0004: every job is unpinned and unpurged; new jobs get the same defaults
     assert rows(path, "SELECT id, pinned, purged_at FROM jobs ORDER BY id") == [(i, 0, None) for i in V010_STATES]
     if old.url:  # PostgreSQL checks foreign keys itself, always

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from node import housekeeping, retention
-from node.archive import Archive
+from node.archive import key_name
+from node.archive.folder import FolderArchive
 from node.cli.main import main as cli
 from node.errors import SettingsError
 from node.queue import audit
@@ -42,7 +43,7 @@ class Node:
 
     settings: Settings
     db: Database
-    archive: Archive
+    archive: FolderArchive
     counter: int = 0
 
     def purge(self, *, days_later: float = 0.0, dry_run: bool = False) -> dict:
@@ -58,8 +59,8 @@ class Node:
         study = study or f"1.2.826.0.1.8.{self.counter}"
         path = ""
         if keep:
-            target = self.archive.received_path(study, sop)
-            self.archive.write_atomic(target, os.urandom(size))
+            target = self.archive.received_key(study, sop)
+            self.archive.put(target, os.urandom(size))
             path = str(target)
         received = repo.ReceivedInstance(sop, sop_class, study, f"{study}.1", "1.2.840.10008.1.2.1", path,
                                          size if keep else 0, "MODALITY")
@@ -72,11 +73,10 @@ class Node:
 
     def encode(self, job_id: int, destinations: tuple[str, ...] = ("pacs",)) -> None:
         self.claim(job_id, JobStatus.QUEUED, JobStatus.PROCESSING)
-        folder = self.archive.results_dir(job_id)
         results = []
         for kind, sop_class, size in (("seg", SEG, 300), ("sr", SR, 200)):
-            path = folder / f"{kind}.dcm"
-            self.archive.write_atomic(path, os.urandom(size))
+            path = self.archive.result_key(job_id, kind)
+            self.archive.put(path, os.urandom(size))
             results.append(repo.ArchivedResult(kind, sop_class, f"1.2.826.0.1.7.{job_id}.{len(results)}", str(path)))
         repo.mark_encoded(self.db, job_id, "test:1:w", 0.25, results, list(destinations))
 
@@ -116,8 +116,8 @@ class Node:
     # --- what is on disk and in the queue ---
     def files_of(self, job_id: int) -> list[Path]:
         job = repo.get_job(self.db, job_id)
-        paths = [Path(job.instance.path)] if job.instance.path else []
-        return paths + [Path(r.path) for r in job.results]
+        paths = [self.archive.path(job.instance.path)] if job.instance.path else []
+        return paths + [self.archive.path(r.path) for r in job.results]
 
     def has_files(self, job_id: int) -> bool:
         files = self.files_of(job_id)
@@ -134,7 +134,7 @@ class Node:
 def make_node(tmp_path: Path, **retention_values) -> Node:  # type: ignore[no-untyped-def]
     data = tmp_path / "var"
     settings = Settings(node=NodeSettings(data_dir=str(data)), retention=RetentionSettings(**retention_values))
-    return Node(settings, Database(data), Archive(data))
+    return Node(settings, Database(data), FolderArchive(data / "archive"))
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def test_a_done_job_loses_its_files_after_images_days_and_keeps_its_history(node
     assert report["results"] == {"jobs": 1, "files": 2, "bytes": 500}
     assert report["history"]["jobs"] == 0 and report["audit"]["rows"] == 0
     assert not any(p.exists() for p in files)
-    assert not node.archive.results_dir(job_id).exists()
+    assert not (node.archive.root / "results" / str(job_id)).exists()
     assert not files[0].parent.exists()  # the emptied study folder went too
     job = repo.get_job(node.db, job_id)
     assert job.status == "done" and job.purged_at is not None and len(job.results) == 2
@@ -170,7 +170,7 @@ def test_a_discarded_job_loses_its_source(node: Node) -> None:
     report = node.purge(days_later=31)
     assert report["jobs_purged"] == 1 and report["images"] == {"jobs": 1, "files": 1, "bytes": 1000}
     assert report["results"]["files"] == 0
-    assert not Path(repo.get_job(node.db, job_id).instance.path).exists()
+    assert not node.archive.path(repo.get_job(node.db, job_id).instance.path).exists()
     assert [e.message.split(" by ")[0] for e in repo.get_job(node.db, job_id).events if e.step == "purge"] == [
         "source deleted"]
     assert repo.get_job(node.db, not_kept).purged_at is None  # it never kept a file
@@ -324,14 +324,14 @@ def test_leftover_part_files_are_removed_at_start_up(node: Node, caplog: pytest.
     other = node.archive.tmp / "notes.txt"
     other.write_text("not ours to delete")
     with caplog.at_level(logging.INFO, logger="node.housekeeping"):
-        assert housekeeping.clean_tmp(node.settings) == 3
+        assert housekeeping.clean_tmp(node.settings, node.archive) == 3
     assert not any(p.exists() for p in old) and in_flight.exists() and other.exists()
     assert "removed 3 leftover temporary file(s)" in caplog.text
 
 
 def test_a_crash_between_claim_and_deletion_is_finished_by_the_next_purge(node: Node) -> None:
     job_id = node.discarded()
-    source = Path(repo.get_job(node.db, job_id).instance.path)
+    source = node.archive.path(repo.get_job(node.db, job_id).instance.path)
     cutoff = utcnow() + timedelta(days=1)
     # The purge claimed the job, then the process died before deleting anything.
     assert repo.claim_files_purge(node.db, [job_id], cutoff, keep_failed=True) == [job_id]
@@ -368,13 +368,13 @@ def test_a_crash_between_deletion_and_confirmation_is_confirmed_by_the_next_purg
 def test_a_copy_received_after_the_purge_is_purged_too(node: Node) -> None:
     job_id = node.done()
     node.purge(days_later=31)
-    first = Path(repo.get_job(node.db, job_id).instance.path)
+    first = repo.get_job(node.db, job_id).instance.path
     # What the listener does with the same SOP Instance UID received again (node.scp.handlers).
     version = node.archive.keep_version(first, b"the same image, sent again")
-    assert version is not None and version.name.endswith(".v2.dcm")
-    repo.note(node.db, job_id, "receive", "duplicate-different", f"kept as {version.name}")
+    assert version is not None and version.endswith(".v2.dcm")
+    repo.note(node.db, job_id, "receive", "duplicate-different", f"kept as {key_name(version)}")
     report = node.purge(days_later=31)
-    assert report["jobs_purged"] == 1 and report["images"]["files"] == 1 and not version.exists()
+    assert report["jobs_purged"] == 1 and report["images"]["files"] == 1 and not node.archive.path(version).exists()
 
 
 def test_nothing_outside_the_archive_is_deleted(node: Node, tmp_path: Path) -> None:
@@ -405,14 +405,14 @@ def test_retention_settings_are_validated(tmp_path: Path, key: str) -> None:
 
 
 def test_the_scheduler_runs_the_purge_only_in_serve(node: Node) -> None:
-    scheduler = housekeeping.start_scheduler(node.settings, node.db)
+    scheduler = housekeeping.start_scheduler(node.settings, node.db, node.archive)
     try:
         job = scheduler.get_job("purge")
         assert job is not None and job.trigger.interval == timedelta(hours=1)
         assert job.next_run_time - datetime.now(job.next_run_time.tzinfo) <= timedelta(minutes=10)
     finally:
         scheduler.shutdown(wait=False)
-    scheduler = housekeeping.start_scheduler(node.settings, node.db, purge_archive=False)
+    scheduler = housekeeping.start_scheduler(node.settings, node.db, node.archive, purge_archive=False)
     try:
         assert scheduler.get_job("purge") is None
     finally:
@@ -424,7 +424,7 @@ def test_the_scheduled_purge_logs_one_line(tmp_path: Path, caplog: pytest.LogCap
     node.done(size=5000)
     time.sleep(1.0)
     with caplog.at_level(logging.INFO, logger="node.housekeeping"):
-        report = housekeeping.purge(node.settings, node.db)
+        report = housekeeping.purge(node.settings, node.db, node.archive)
     assert report is not None and report["images"]["files"] == 1
     (line,) = [r.getMessage() for r in caplog.records if "retention purge" in r.getMessage()]
     assert line.startswith("retention purge: images 1 job(s) 1 file(s) 0.0 MB; results 1 job(s) 2 file(s)")

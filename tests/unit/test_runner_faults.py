@@ -23,7 +23,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
 from node import faults
-from node.archive import Archive
+from node.archive import Archive, open_archive
 from node.loop import GiveUp, backoff_s, run_loop
 from node.queue import repository
 from node.queue.db import Database
@@ -75,7 +75,7 @@ def db(settings: Settings) -> Iterator[Database]:
 
 @pytest.fixture
 def archive(settings: Settings) -> Archive:
-    return Archive(settings.data_path)
+    return open_archive(settings)
 
 
 @pytest.fixture
@@ -97,10 +97,13 @@ def inject(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     return set_spec
 
 
-def queued_job(db: Database, n: int = 1) -> int:
+def queued_job(db: Database, archive: Archive, n: int = 1) -> int:
+    """A queued job whose source is a few archived bytes (the stand-in pipeline never reads them)."""
+    key = archive.received_key("1.2.3", f"1.2.3.{n}")
+    archive.put(key, b"stand-in source")
     return repository.enqueue(db, repository.ReceivedInstance(
         f"1.2.3.{n}", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3", "1.2.3.9", "1.2.840.10008.1.2.1",
-        "/nowhere.dcm", 10, "SCU")).job_id
+        key, 15, "SCU")).job_id
 
 
 def steps(db: Database, job_id: int) -> list[tuple[str, str, str]]:
@@ -152,7 +155,7 @@ def test_a_bad_fault_spec_is_refused(inject) -> None:  # type: ignore[no-untyped
 # ----- the worker -----
 
 def test_full_disk_while_writing_results_retries_the_job_then_it_is_encoded(worker, db, archive, inject) -> None:  # type: ignore[no-untyped-def]
-    job_id = queued_job(db)
+    job_id = queued_job(db, archive)
     inject("result-write=ENOSPC:1")
     assert worker.run_once() is True  # the fault did not escape
     job = repository.get_job(db, job_id)
@@ -163,12 +166,12 @@ def test_full_disk_while_writing_results_retries_the_job_then_it_is_encoded(work
     assert worker.run_once() is True
     job = repository.get_job(db, job_id)
     assert job.status == JobStatus.ENCODED and job.attempts == 2 and job.last_error is None
-    assert (archive.results_dir(job_id) / "sr.dcm").read_bytes() == b"sr bytes"
+    assert archive.read(archive.result_key(job_id, "sr")) == b"sr bytes"
     assert ("infer", "retry") in [(s, o) for s, o, _ in steps(db, job_id)]
 
 
-def test_a_disk_that_stays_full_fails_the_job_with_the_reason(worker, db, inject) -> None:  # type: ignore[no-untyped-def]
-    job_id = queued_job(db)
+def test_a_disk_that_stays_full_fails_the_job_with_the_reason(worker, db, archive, inject) -> None:  # type: ignore[no-untyped-def]
+    job_id = queued_job(db, archive)
     inject("result-write=ENOSPC:*")
     for _ in range(3):
         assert worker.run_once() is True
@@ -178,8 +181,8 @@ def test_a_disk_that_stays_full_fails_the_job_with_the_reason(worker, db, inject
     assert worker.run_once() is False  # nothing left; the worker is still fine
 
 
-def test_database_locked_while_recording_results_retries_the_job(worker, db, inject) -> None:  # type: ignore[no-untyped-def]
-    job_id = queued_job(db)
+def test_database_locked_while_recording_results_retries_the_job(worker, db, archive, inject) -> None:  # type: ignore[no-untyped-def]
+    job_id = queued_job(db, archive)
     inject("db-record=locked:1")
     assert worker.run_once() is True
     job = repository.get_job(db, job_id)
@@ -189,8 +192,8 @@ def test_database_locked_while_recording_results_retries_the_job(worker, db, inj
     assert repository.get_job(db, job_id).status == JobStatus.ENCODED
 
 
-def test_when_even_the_failure_cannot_be_recorded_the_lease_expires_and_the_job_returns(worker, db, inject) -> None:  # type: ignore[no-untyped-def]
-    job_id = queued_job(db)
+def test_when_even_the_failure_cannot_be_recorded_the_lease_expires_and_the_job_returns(worker, db, archive, inject) -> None:  # type: ignore[no-untyped-def]
+    job_id = queued_job(db, archive)
     inject("db-record=unavailable:2")  # mark_encoded, then fail_attempt
     with pytest.raises(OperationalError, match="unable to open database file"):
         worker.run_once()  # for the loop to back off (see test_the_loop_backs_off_...)
@@ -202,8 +205,8 @@ def test_when_even_the_failure_cannot_be_recorded_the_lease_expires_and_the_job_
     assert repository.get_job(db, job_id).status == JobStatus.ENCODED
 
 
-def test_lease_lost_mid_job_records_nothing_and_the_reaper_returns_the_job(worker, db, pipeline, inject) -> None:  # type: ignore[no-untyped-def]
-    job_id = queued_job(db)
+def test_lease_lost_mid_job_records_nothing_and_the_reaper_returns_the_job(worker, db, archive, pipeline, inject) -> None:  # type: ignore[no-untyped-def]
+    job_id = queued_job(db, archive)
     inject("lease=lost:1")
     pipeline.during_run = lambda: time.sleep(0.4)  # the lease (0.6 s) is renewed after 0.2 s
     assert worker.run_once() is True
@@ -217,9 +220,9 @@ def test_lease_lost_mid_job_records_nothing_and_the_reaper_returns_the_job(worke
     assert repository.get_job(db, job_id).status == JobStatus.ENCODED
 
 
-def test_another_worker_taking_the_job_mid_analysis_does_not_stop_this_one(worker, db, pipeline) -> None:  # type: ignore[no-untyped-def]
-    job_id = queued_job(db)
-    other = queued_job(db, 2)
+def test_another_worker_taking_the_job_mid_analysis_does_not_stop_this_one(worker, db, archive, pipeline) -> None:  # type: ignore[no-untyped-def]
+    job_id = queued_job(db, archive)
+    other = queued_job(db, archive, 2)
 
     def taken_over() -> None:
         with db.session() as session:
@@ -234,8 +237,8 @@ def test_another_worker_taking_the_job_mid_analysis_does_not_stop_this_one(worke
     assert repository.get_job(db, other).status == JobStatus.ENCODED
 
 
-def test_database_locked_at_the_claim_is_left_to_the_loop(worker, db, inject) -> None:  # type: ignore[no-untyped-def]
-    job_id = queued_job(db)
+def test_database_locked_at_the_claim_is_left_to_the_loop(worker, db, archive, inject) -> None:  # type: ignore[no-untyped-def]
+    job_id = queued_job(db, archive)
     inject("db-claim=locked:1")
     with pytest.raises(OperationalError):
         worker.run_once()
@@ -244,8 +247,8 @@ def test_database_locked_at_the_claim_is_left_to_the_loop(worker, db, inject) ->
     assert repository.get_job(db, job_id).status == JobStatus.ENCODED
 
 
-def test_the_worker_loop_survives_a_locked_database_and_runs_the_next_job(worker, db, inject) -> None:  # type: ignore[no-untyped-def]
-    first, second = queued_job(db, 1), queued_job(db, 2)
+def test_the_worker_loop_survives_a_locked_database_and_runs_the_next_job(worker, db, archive, inject) -> None:  # type: ignore[no-untyped-def]
+    first, second = queued_job(db, archive, 1), queued_job(db, archive, 2)
     inject("db-claim=locked:2,result-write=EIO:1")
     thread = threading.Thread(target=worker.run_forever)
     thread.start()
@@ -270,7 +273,7 @@ def sender(settings: Settings, db: Database) -> Sender:
 
 
 def encoded_job(db: Database, worker: InferenceWorker) -> int:
-    job_id = queued_job(db)
+    job_id = queued_job(db, worker.archive)
     assert worker.run_once() is True
     assert repository.get_job(db, job_id).status == JobStatus.ENCODED
     return job_id

@@ -17,7 +17,7 @@ import pytest
 
 from models import registry
 from models.catalog import ModelRegistry, RegistryError
-from node.archive import Archive
+from node.archive import open_archive
 from node.cli.main import main
 from node.queue import repository
 from node.queue.db import Database
@@ -45,7 +45,7 @@ class Node:
         self.tmp = tmp_path
         self.registry = ModelRegistry(self.settings.models_registry_path)
         self.db = Database(self.settings.data_path)
-        self.archive = Archive(self.settings.data_path)
+        self.archive = open_archive(self.settings)
         self.pipeline = Pipeline.load(self.settings)
         self.worker = InferenceWorker(self.settings, self.db, self.archive, self.pipeline, threading.Event())
 
@@ -62,10 +62,12 @@ class Node:
         """Enqueue instance ``number`` and let the worker process it; returns its job id."""
         path = self.radiograph(number)
         ds = pydicom.dcmread(path)
+        key = self.archive.received_key(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
+        self.archive.put(key, path.read_bytes())  # as the listener archives it
         job_id = repository.enqueue(self.db, repository.ReceivedInstance(
             sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
             study_instance_uid=str(ds.StudyInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID),
-            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=str(path),
+            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=key,
             size_bytes=path.stat().st_size, calling_ae_title="MODALITY")).job_id
         assert self.worker.run_once() is True
         return job_id
@@ -103,7 +105,7 @@ def content(data: bytes) -> dict:
 
 def archived(node: Node, job_id: int) -> dict[str, dict]:
     job = repository.get_job(node.db, job_id)
-    return {r.kind: content(Path(r.path).read_bytes()) for r in job.results}
+    return {r.kind: content(node.archive.read(r.path)) for r in job.results}
 
 
 def test_a_degraded_shadow_is_recorded_and_never_changes_the_jobs_results(tmp_path: Path) -> None:
@@ -124,7 +126,7 @@ def test_a_degraded_shadow_is_recorded_and_never_changes_the_jobs_results(tmp_pa
     job = repository.get_job(node.db, job_id)
     assert job.status == JobStatus.DONE and job.tb_score == plain.tb_score  # no destination: done at once
     assert archived(node, job_id) == {r.kind: content(r.data) for r in plain.results}  # the same SEG and SR
-    assert sorted(p.name for p in node.archive.results_dir(job_id).iterdir()) == ["seg.dcm", "sr.dcm"]
+    assert [item.name for item in node.archive.list(node.archive.results_prefix(job_id))] == ["seg.dcm", "sr.dcm"]
 
     [row] = node.rows(job_id)
     assert (row.shadow_ref, row.shadow_segmenter, row.shadow_tb) == (DEGRADED, DEGRADED, TB)

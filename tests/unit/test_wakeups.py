@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from node.archive import Archive
+from node.archive import open_archive
 from node.queue import repository
 from node.queue.db import Database
 from node.queue.states import JobStatus
@@ -153,11 +153,11 @@ def loops_running(worker: InferenceWorker, sender: Sender) -> Iterator[None]:
 
 def test_with_an_hourly_poll_the_bells_carry_a_job_from_queued_to_the_pacs(
         tmp_path: Path, hourly: Settings, pacs: RecordingPacs, process: tuple[Database, Wakeups]) -> None:
-    (db, bells), archive, stop = process, Archive(hourly.data_path), threading.Event()
+    (db, bells), archive, stop = process, open_archive(hourly), threading.Event()
     pipeline = DxPipeline(tmp_path)
     worker = InferenceWorker(hourly, db, archive, pipeline, stop, bells)  # type: ignore[arg-type]
     with loops_running(worker, Sender(hourly, db, stop, bells)):
-        job_id = queued_job(db)
+        job_id = queued_job(db, archive)
         bells.ring(Stage.QUEUED)  # what the listener does after committing the job
         wait_until(lambda: repository.get_job(db, job_id).status == JobStatus.DONE, 60,
                    what="the job done without a poll")
@@ -168,7 +168,7 @@ def test_with_an_hourly_poll_the_bells_carry_a_job_from_queued_to_the_pacs(
 def test_without_a_bell_the_job_waits_for_the_poll(tmp_path: Path, hourly: Settings, pacs: RecordingPacs,
                                                    process: tuple[Database, Wakeups]) -> None:
     """The control for the test above: no ring, an hourly poll, and the job stays queued."""
-    (db, bells), archive, stop = process, Archive(hourly.data_path), threading.Event()
+    (db, bells), archive, stop = process, open_archive(hourly), threading.Event()
     pipeline = DxPipeline(tmp_path)
     worker = InferenceWorker(hourly, db, archive, pipeline, stop, bells)  # type: ignore[arg-type]
     turns: list[bool] = []
@@ -178,7 +178,7 @@ def test_without_a_bell_the_job_waits_for_the_poll(tmp_path: Path, hourly: Setti
     thread.start()
     try:
         wait_until(lambda: turns == [False], 30, what="the worker's first turn (nothing queued)")
-        job_id = queued_job(db)
+        job_id = queued_job(db, archive)
         stop.wait(2.0)
         assert repository.get_job(db, job_id).status == JobStatus.QUEUED
         assert pipeline.runs == 0 and turns == [False]
@@ -199,7 +199,7 @@ def test_the_listener_rings_the_worker_for_a_new_image_only_and_turns_nagle_off(
 
     settings = dataclasses.replace(hourly, node=dataclasses.replace(hourly.node, host="127.0.0.1", port=free_port(),
                                                                     min_free_disk_mb=1))
-    (db, bells), archive = process, Archive(settings.data_path)
+    (db, bells), archive = process, open_archive(settings)
     ae, server = scp_server.start(settings, db, archive, bells)
     dx = make_dx(FIXTURE_DIR / "MCUCXR_0017_0.png", size=(64, 64))
     try:
@@ -283,12 +283,12 @@ def test_on_postgresql_the_bells_carry_a_job_through_three_processes(
     (listener_db, listener), (worker_db, worker_bells), (sender_db, sender_bells) = (
         open_process(tmp_path / name, hourly.queue.url) for name in ("listener", "worker", "sender"))
     stop, pipeline = threading.Event(), DxPipeline(tmp_path)
-    worker = InferenceWorker(hourly, worker_db, Archive(hourly.data_path), pipeline, stop,  # type: ignore[arg-type]
+    worker = InferenceWorker(hourly, worker_db, open_archive(hourly), pipeline, stop,  # type: ignore[arg-type]
                              worker_bells)
     try:
         with loops_running(worker, Sender(hourly, sender_db, stop, sender_bells)):
             time.sleep(0.5)  # both took their first turn and wait an hour
-            job_id = queued_job(listener_db)
+            job_id = queued_job(listener_db, worker.archive)
             listener.ring(Stage.QUEUED)
             wait_until(lambda: repository.get_job(listener_db, job_id).status == JobStatus.DONE, 60,
                        what="the job done without a poll")

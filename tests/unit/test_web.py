@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 
 from models.identity import ModelIdentity
 from node import retention
-from node.archive import Archive
+from node.archive.folder import FolderArchive
 from node.errors import SettingsError
 from node.http import metrics
 from node.http.app import HttpContext, create_app
@@ -61,7 +61,7 @@ class Node:
 
     settings: Settings
     db: Database
-    archive: Archive
+    archive: FolderArchive
     counter: int = 0
 
     def client(self, role: str = "serve") -> TestClient:
@@ -76,10 +76,10 @@ class Node:
         self.counter += 1
         ds = make_dx(DATA / "MCUCXR_0017_0.png", size=(256, 256),
                      sop_instance_uid=f"1.2.826.0.1.3680043.8.498.9911.{self.counter}")
-        path = self.archive.received_path(ds.StudyInstanceUID, ds.SOPInstanceUID)
+        path = self.archive.received_key(ds.StudyInstanceUID, ds.SOPInstanceUID)
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
-        size = self.archive.write_atomic(path, buffer.getvalue())
+        size = self.archive.put(path, buffer.getvalue())
         received = repo.ReceivedInstance(ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID,
                                          ds.SeriesInstanceUID, str(ds.file_meta.TransferSyntaxUID), str(path),
                                          size, calling)
@@ -97,10 +97,10 @@ class Node:
                                                algorithms=ALGORITHMS)}
         results = []
         for kind in kinds:
-            path = self.archive.results_dir(job_id) / f"{kind}.dcm"
+            path = self.archive.result_key(job_id, kind)
             buffer = io.BytesIO()
             built[kind].save_as(buffer, enforce_file_format=True)
-            self.archive.write_atomic(path, buffer.getvalue())
+            self.archive.put(path, buffer.getvalue())
             results.append(repo.ArchivedResult(kind, built[kind].SOPClassUID, built[kind].SOPInstanceUID, str(path)))
         repo.mark_encoded(self.db, job_id, OWNER, 0.42, results, list(destinations))
 
@@ -135,7 +135,7 @@ class Node:
 def make_node(tmp_path: Path, **web) -> Node:  # type: ignore[no-untyped-def]
     data = tmp_path / "var"
     settings = Settings(node=NodeSettings(data_dir=str(data), min_free_disk_mb=1), web=WebSettings(**web))
-    return Node(settings, Database(data), Archive(data))
+    return Node(settings, Database(data), FolderArchive(data / "archive"))
 
 
 @pytest.fixture
@@ -281,7 +281,8 @@ def test_jobs_without_a_preview_say_why(node: Node) -> None:
     assert client.get(f"/jobs/{discarded}/preview.png").status_code == 404
     assert "No results yet (state queued)" in text_of(client.get(f"/jobs/{waiting}").text)
 
-    files = [Path(repo.get_job(node.db, done).instance.path)]
+    files = [node.archive.path(repo.get_job(node.db, done).instance.path)]
+    assert files[0].is_file()
     planned = retention.plan(node.settings, node.db, node.archive, now=utcnow() + timedelta(days=31))
     retention.execute(planned, node.db, node.archive)
     assert not files[0].exists()
