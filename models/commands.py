@@ -218,7 +218,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from models.evaluation import evaluate, format_table
 
     result = evaluate(args.data, split=args.split, arch=args.arch, device=args.device,
-                      weights_dir=args.weights, progress=not args.json, overlays_dir=args.overlays)
+                      weights_dir=args.weights, progress=not args.json, overlays_dir=args.overlays,
+                      per_case_csv=args.per_case)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 
@@ -288,6 +289,8 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ev.add_argument("--overlays", metavar="DIR",
                     help="also write prediction | reference | difference pictures per case and DIR/index.html, worst first")
+    ev.add_argument("--per-case", metavar="FILE.csv",
+                    help="also write one row per case: case_id, source, tb_label, tb_score, tb_call, dice, jaccard, hd95")
     ev.add_argument("--weights", help=argparse.SUPPRESS)  # alternative weights folder (tests)
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ev.set_defaults(func=_guard(_evaluate))

@@ -21,6 +21,10 @@ from models.inference import LungAnalyzer
 #: WHO target product profile for TB screening: sensitivity >= 0.90 with specificity >= 0.70.
 WHO_MIN_SENSITIVITY = 0.90
 WHO_MIN_SPECIFICITY = 0.70
+#: Cases of lowest lung Dice listed in the result (``worst_cases``) and the table.
+WORST_CASES = 5
+#: The columns of ``cxrnode evaluate --per-case FILE.csv``.
+PER_CASE_COLUMNS = ("case_id", "source", "tb_label", "tb_score", "tb_call", "dice", "jaccard", "hd95")
 
 
 def _mean(values: list[float]) -> float:
@@ -37,7 +41,9 @@ def _summary(rows: list[dict[str, Any]], threshold: float, n_boot: int) -> dict[
     auc = metrics.roc_auc(y, s) if both else float("nan")
     ci = metrics.roc_auc_ci(y, s, n_boot=n_boot) if both else (float("nan"), float("nan"))
     sens, spec = metrics.sensitivity_specificity(y, s, threshold) if len(y) else (float("nan"), float("nan"))
+    calibration = metrics.calibration(y, s) if len(y) else None
     return {
+        "calibration": calibration,
         "n_cases": len(rows),
         "n_masks": len(seg),
         "n_labelled": len(lab),
@@ -91,6 +97,8 @@ def evaluate(
     n_boot: int = 2000,
     progress: bool = True,
     overlays_dir: str | Path | None = None,
+    per_case_csv: str | Path | None = None,
+    worst: int = WORST_CASES,
 ) -> dict[str, Any]:
     """Metrics of the shipped models on ``data_dir`` (``split`` None = all cases).
 
@@ -99,7 +107,10 @@ def evaluate(
     n_labelled, per_source {source: same metrics}, arch, split, segmenter, tb_model.
     Undefined values (e.g. AUC with one class) are None. With ``overlays_dir``, every case
     with a reference mask also gets a picture there (:mod:`models.overlays`) and the result
-    names the index page (``overlays_index``).
+    names the index page (``overlays_index``). ``calibration`` (of all labelled cases, and per
+    source): the reliability diagram's bins and the expected calibration error of the TB score
+    (:func:`models.metrics.calibration`). ``worst_cases``: the ``worst`` cases of lowest lung Dice.
+    With ``per_case_csv``, one row per case is written there (:data:`PER_CASE_COLUMNS`).
     """
     cases = data.read_index(data_dir, split)
     analyzer = LungAnalyzer.load(arch=arch, device=device, weights_dir=weights_dir)
@@ -116,6 +127,10 @@ def evaluate(
             pictures.append(_write_case_picture(overlays_dir, case, image, result, truth, row))
         rows.append(row)
     out = _summary(rows, analyzer.tb_threshold, n_boot)
+    out["worst_cases"] = [{k: r[k] for k in ("case_id", "source", "dice", "jaccard", "hd95")}
+                          for r in sorted((r for r in rows if "dice" in r), key=lambda r: r["dice"])[:worst]]
+    if per_case_csv is not None:
+        out["per_case_csv"] = str(_write_per_case(Path(per_case_csv), rows, analyzer.tb_threshold))
     by_source: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_source[r["source"]].append(r)
@@ -125,6 +140,23 @@ def evaluate(
     if overlays_dir is not None:
         out["overlays_index"] = str(overlays.write_index(overlays_dir, pictures))
     return _clean(out)
+
+
+def _write_per_case(path: Path, rows: list[dict[str, Any]], threshold: float) -> Path:
+    """One CSV row per case (:data:`PER_CASE_COLUMNS`); empty cells where a case has no mask or label."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=PER_CASE_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            cells = {"case_id": row["case_id"], "source": row["source"],
+                     "tb_label": "" if row["label"] is None else row["label"],
+                     "tb_score": f"{row['score']:.6f}", "tb_call": int(row["score"] >= threshold)}
+            cells.update({k: f"{row[k]:.6f}" if k in row and math.isfinite(row[k]) else "" for k in ("dice", "jaccard", "hd95")})
+            writer.writerow(cells)
+    return path
 
 
 def _write_case_picture(folder: Path, case: data.Case, image: np.ndarray, result: Any, truth: np.ndarray,
@@ -160,4 +192,11 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{name:14}{r['n_cases']:>6}{r['n_masks']:>6}{f(r['lung_dice_mean']):>8}{f(r['lung_jaccard_mean']):>9}"
                      f"{f(r['lung_hd95_mean'], 2):>9}{f(r['tb_auc'], 3):>8}{ci_s:>17}{f(r['sensitivity'], 3):>7}{f(r['specificity'], 3):>7}")
     lines.append(f"WHO target (sens >= {WHO_MIN_SENSITIVITY}, spec >= {WHO_MIN_SPECIFICITY}) met: {'yes' if result['who_target_met'] else 'no'}")
+    if result.get("calibration"):
+        cal = result["calibration"]
+        lines.append(f"TB score calibration: expected calibration error {f(cal['ece'], 3)}, Brier {f(cal['brier'], 3)} "
+                     f"({len(cal['bins'])} bins in --json)")
+    if result.get("worst_cases"):
+        lines.append("lowest lung Dice: " + ", ".join(f"{c['case_id']} ({c['source']}) {f(c['dice'])}"
+                                                      for c in result["worst_cases"]))
     return "\n".join(lines)

@@ -135,3 +135,25 @@ def threshold_for_sensitivity(labels: np.ndarray, scores: np.ndarray, target: fl
         raise ValueError("no positive cases")
     k = int(np.ceil(target * pos.size)) - 1
     return float(pos[max(0, k)])
+
+
+def calibration(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict:
+    """How far the scores are from probabilities: the reliability diagram's bins (equal widths on
+    [0, 1]: count, mean score, fraction positive) and the expected calibration error (the bins'
+    |mean score - fraction positive| weighted by their counts; Guo et al. 2017), through MONAI's
+    :func:`monai.metrics.calibration_binning`; and the Brier score. Scores must lie in [0, 1]."""
+    import torch
+    from monai.metrics import calibration_binning
+
+    labels, scores = _check_scores(np.asarray(labels), np.asarray(scores, dtype=float))
+    if np.any((scores < 0) | (scores > 1)):
+        raise ValueError("calibration needs scores in [0, 1]")
+    pred = torch.as_tensor(scores, dtype=torch.float64).reshape(1, 1, -1)
+    truth = torch.as_tensor(labels, dtype=torch.float64).reshape(1, 1, -1)
+    mean_score, positive_rate, counts = (t[0, 0].numpy() for t in calibration_binning(pred, truth, num_bins=bins))
+    weights = counts / len(scores)
+    ece = float(np.nansum(weights * np.abs(mean_score - positive_rate)))
+    table = [{"lower": round(i / bins, 6), "upper": round((i + 1) / bins, 6), "n": int(counts[i]),
+              "mean_score": round(float(mean_score[i]), 6) if counts[i] else None,
+              "positive_rate": round(float(positive_rate[i]), 6) if counts[i] else None} for i in range(bins)]
+    return {"ece": round(ece, 6), "brier": round(float(np.mean((scores - labels) ** 2)), 6), "bins": table}

@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from models.__main__ import main
@@ -163,3 +164,39 @@ def test_evaluate_overlays_pictures_and_index_worst_first(fixture_dir, tmp_path,
     rendered_green = (rendered[..., 1] - np.maximum(rendered[..., 0], rendered[..., 2])) > 25
     assert rendered_green.sum() > 500, "the overlay pictures did not render in the page"
     print(f"overlays index: {index}, screenshot: {shot}")
+
+
+def test_evaluate_per_case_csv_worst_cases_and_calibration(fixture_dir, tmp_path, capsys):
+    out = tmp_path / "cases" / "per-case.csv"
+    assert main(["evaluate", "--data", str(fixture_dir), "--device", "cpu", "--json", "--per-case", str(out)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["per_case_csv"] == str(out)
+    rows = list(csv.DictReader(out.open()))
+    assert [row["case_id"] for row in rows] == [row["case_id"] for row in csv.DictReader((fixture_dir / "index.csv").open())]
+    assert list(rows[0]) == ["case_id", "source", "tb_label", "tb_score", "tb_call", "dice", "jaccard", "hd95"]
+    no_mask = next(row for row in rows if row["case_id"] == "CHNCXR_0065_0")
+    assert no_mask["dice"] == no_mask["jaccard"] == no_mask["hd95"] == ""
+    for row in rows:
+        assert int(row["tb_call"]) == (float(row["tb_score"]) >= r["threshold"])
+    # the worst cases are the lowest Dice of the CSV, lowest first
+    dices = sorted((float(row["dice"]), row["case_id"]) for row in rows if row["dice"])
+    assert [c["case_id"] for c in r["worst_cases"]] == [case for _, case in dices][:5]
+    assert r["worst_cases"][0]["dice"] == pytest.approx(dices[0][0], abs=1e-6)
+    # calibration: every labelled case in one bin, and the error recomputed from the CSV by hand
+    cal = r["calibration"]
+    assert sum(b["n"] for b in cal["bins"]) == r["n_labelled"] == 6 and len(cal["bins"]) == 10
+    scores = np.array([float(row["tb_score"]) for row in rows])
+    labels = np.array([int(row["tb_label"]) for row in rows])
+    ece = 0.0
+    for b in range(10):
+        inside = (scores >= b / 10) & ((scores < (b + 1) / 10) | ((b == 9) & (scores <= 1.0)))
+        if inside.any():
+            ece += inside.mean() * abs(scores[inside].mean() - labels[inside].mean())
+    assert cal["ece"] == pytest.approx(ece, abs=1e-4)
+    assert set(r["per_source"]["shenzhen"]["calibration"]) == {"ece", "brier", "bins"}
+
+
+def test_evaluate_table_names_the_worst_cases_and_the_calibration(fixture_dir, capsys):
+    assert main(["evaluate", "--data", str(fixture_dir), "--device", "cpu", "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "TB score calibration: expected calibration error" in out and "lowest lung Dice: " in out

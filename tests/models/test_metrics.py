@@ -75,3 +75,26 @@ def test_threshold_for_sensitivity():
     t = metrics.threshold_for_sensitivity(y, s, 0.9)
     sens, _ = metrics.sensitivity_specificity(y, s, t)
     assert sens >= 0.9 and t == pytest.approx(0.2)
+
+
+def test_calibration_hand_computed():
+    # bins of 0.2: one case each in [0, .2), [.2, .4), [.6, .8), [.8, 1.0]
+    cal = metrics.calibration(np.array([0, 1, 1, 0]), np.array([0.1, 0.9, 0.8, 0.3]), bins=5)
+    assert cal["ece"] == pytest.approx(0.25 * (0.1 + 0.3 + 0.2 + 0.1), abs=1e-6)
+    assert cal["brier"] == pytest.approx((0.01 + 0.01 + 0.04 + 0.09) / 4)
+    assert [b["n"] for b in cal["bins"]] == [1, 1, 0, 1, 1]
+    assert cal["bins"][2]["mean_score"] is None and cal["bins"][4]["positive_rate"] == 1.0
+    assert (cal["bins"][0]["lower"], cal["bins"][-1]["upper"]) == (0.0, 1.0)
+
+
+def test_calibration_of_perfectly_calibrated_scores_is_zero():
+    # in each bin the mean score equals the fraction positive; a score of exactly 1.0 is counted
+    labels = np.array([0, 0, 0, 1] * 5 + [1] * 4)
+    scores = np.array([0.25] * 20 + [1.0] * 4)
+    cal = metrics.calibration(labels, scores, bins=4)
+    assert cal["ece"] == pytest.approx(0.0, abs=1e-6) and sum(b["n"] for b in cal["bins"]) == 24
+
+
+def test_calibration_refuses_scores_that_are_not_probabilities():
+    with pytest.raises(ValueError, match=r"scores in \[0, 1\]"):
+        metrics.calibration(np.array([0, 1]), np.array([-0.1, 2.0]))
