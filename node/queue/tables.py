@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import (Boolean, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint,
-                        false)
+from sqlalchemy import (Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, TypeDecorator,
+                        UniqueConstraint, false)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -62,6 +62,9 @@ class Job(Base):
     """The work on one instance: analyse it, encode SEG and SR, deliver them."""
 
     __tablename__ = "jobs"
+    #: The claim's order (node.queue.repository.claim): the oldest due job of a state is read off
+    #: the index, not found by sorting every waiting job (a backlog after an outage).
+    __table_args__ = (Index("ix_jobs_claim", "status", "next_attempt_at", "id"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), unique=True)

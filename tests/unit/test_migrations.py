@@ -146,7 +146,8 @@ def test_0007_turns_host_paths_into_archive_keys(empty: Queue) -> None:
         repo.ArchivedResult("sr", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.9.2", "/srv/x/archive/results/1/sr.dcm")], [])
     repo.record_discarded(db, repo.ReceivedInstance("1.2.3.5", "1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.3.9",
                                                     "1.2.840.10008.1.2.1", "", 0, "SCU"), "CT: not kept")
-    with db.engine.begin() as connection:  # 0007 changes no table: the same rows as 0006 held them
+    with db.engine.begin() as connection:  # back to 0006's schema (0007 changes no table, 0008 adds an index)
+        connection.execute(text("DROP INDEX ix_jobs_claim"))
         connection.execute(text("UPDATE alembic_version SET version_num = '0006'"))
     db.dispose()
 
