@@ -476,9 +476,11 @@ def record_block(args: argparse.Namespace, rows: list[tuple[str, str]], lat: dic
     ])
 
 
-def record(path: Path, label: str, block: str) -> None:
-    """Put ``block`` into the latency section of ``path``, replacing the block of ``label``."""
-    start, end = f"<!-- {MARK}: start -->", f"<!-- {MARK}: end -->"
+def record(path: Path, label: str, block: str, *, mark: str = MARK, section_head: str | None = None) -> None:
+    """Put ``block`` into the ``mark`` section of ``path`` (the latency section by default, headed
+    ``section_head``), replacing the block of ``label``."""
+    section_head = SECTION_HEAD if section_head is None else section_head
+    start, end = f"<!-- {mark}: start -->", f"<!-- {mark}: end -->"
     text = path.read_text() if path.exists() else ""
     if start not in text:
         text = text.rstrip("\n") + f"\n\n{start}\n{end}\n"
@@ -491,7 +493,7 @@ def record(path: Path, label: str, block: str) -> None:
         blocks = [b for i, b in enumerate(blocks) if i not in mine[1:]]
     else:
         blocks.append(block)
-    path.write_text(f"{head.lstrip(chr(10))}{start}\n{SECTION_HEAD}\n\n" + "\n\n".join(blocks)
+    path.write_text(f"{head.lstrip(chr(10))}{start}\n{section_head}\n\n" + "\n\n".join(blocks)
                     + f"\n{end}{tail}")
 
 
