@@ -46,6 +46,15 @@ def test_enqueue_is_idempotent_per_sop_instance_uid(db: Database) -> None:
     assert [(e.step, e.outcome) for e in job.events] == [("receive", "ok"), ("receive", "duplicate")]
 
 
+def test_a_duplicate_with_different_bytes_is_recorded_on_both_backends(db: Database) -> None:
+    """``duplicate-different`` (19 characters) fits ``job_events.outcome`` (PostgreSQL enforces
+    the length; before revision 0009 it refused the event and the C-STORE was answered 0xA700)."""
+    job_id = repo.enqueue(db, received()).job_id
+    repo.record_duplicate(db, job_id, "MODALITY", "different content archived as 1.2.3.1.v2.dcm")
+    outcomes = [(e.step, e.outcome) for e in repo.get_job(db, job_id).events]
+    assert outcomes == [("receive", "ok"), ("receive", "duplicate"), ("receive", "duplicate-different")]
+
+
 def test_happy_path_records_every_step(db: Database) -> None:
     job_id = repo.enqueue(db, received()).job_id
     assert repo.claim(db, JobStatus.QUEUED, JobStatus.PROCESSING, "w1", 60) == job_id
