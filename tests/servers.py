@@ -391,6 +391,11 @@ class NodeProcess:
         }
         for name, values in self.extra.items():
             sections.setdefault(name, {}).update(values)
+        # the PostgreSQL pass (pytest --queue=postgresql) gives the data folder's queue a database
+        from tests.conftest import switched_queue_url
+
+        if not sections.get("queue", {}).get("url") and (url := switched_queue_url(self.data_dir)):
+            sections.setdefault("queue", {})["url"] = url
         lines = []
         for name, values in sections.items():
             lines.append(f"[{name}]")

@@ -115,6 +115,7 @@ def test_no_patient_identifiers_in_job_commands(run) -> None:
     assert leaks == []
 
 
+@pytest.mark.sqlite_only("scans the SQLite file's bytes (vacuous without it)")
 def test_no_patient_identifiers_in_the_queue_database(run) -> None:
     node, _, _ = run
     files = sorted(node.data_dir.glob("queue.sqlite3*"))
@@ -159,6 +160,7 @@ def _wrong_modes(root: Path) -> list[str]:
     return wrong
 
 
+@pytest.mark.sqlite_only("checks the SQLite file's WAL and -shm are 0600 while the node runs")
 def test_data_dir_is_private_while_running(run) -> None:
     node, _, _ = run
     assert list(node.data_dir.glob("queue.sqlite3-wal")), "expected SQLite's WAL while running"

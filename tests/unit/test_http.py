@@ -139,6 +139,7 @@ def test_worker_binds_worker_port_and_a_taken_port_names_the_key(tmp_path: Path)
         worker.close()
 
 
+@pytest.mark.sqlite_only("fails the database check by moving the SQLite file aside")
 def test_readyz_names_each_failing_check(node: Node) -> None:
     status, body = get(node.url + "/readyz")
     assert status == 503 and json.loads(body)["failed"] == ["started"]

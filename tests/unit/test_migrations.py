@@ -30,6 +30,8 @@ from node.queue.states import JobStatus
 from node.queue.tables import Base
 from tests.servers import queue_config
 
+pytestmark = pytest.mark.both_queues  # the `empty` and `old` fixtures pick the backend
+
 V010_QUEUE = Path(__file__).resolve().parents[1] / "data" / "queues" / "v0.1.0.sqlite3"
 REPO = Path(__file__).resolve().parents[2]
 #: Jobs in the 0.1.0 fixture (tests/data/queues/make_v010_queue.py): id -> state.

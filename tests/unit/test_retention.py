@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from node import housekeeping, retention
 from node.archive import key_name
@@ -30,6 +30,7 @@ from node.queue.db import Database
 from node.queue.states import JobStatus
 from node.queue.tables import Delivery, utcnow
 from node.settings import NodeSettings, RetentionSettings, Settings, load_settings
+from tests.servers import queue_config
 
 REPO = Path(__file__).resolve().parents[2]
 SEG, SR = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"
@@ -124,8 +125,8 @@ class Node:
         return bool(files) and all(p.is_file() for p in files)
 
     def rows(self, sql: str) -> list[tuple]:
-        with sqlite3.connect(self.settings.data_path / "queue.sqlite3") as connection:
-            return connection.execute(sql).fetchall()
+        with self.db.engine.connect() as connection:  # the queue's own engine: SQLite or PostgreSQL
+            return [tuple(row) for row in connection.execute(text(sql)).all()]
 
     def job_exists(self, job_id: int) -> bool:
         return bool(self.rows(f"SELECT id FROM jobs WHERE id = {int(job_id)}"))
@@ -434,7 +435,7 @@ def test_the_scheduled_purge_logs_one_line(tmp_path: Path, caplog: pytest.LogCap
 
 def write_config(tmp_path: Path, node: Node, **retention_values) -> Path:  # type: ignore[no-untyped-def]
     config = tmp_path / "cxrnode.toml"
-    lines = ["[node]", f'data_dir = "{node.settings.data_path}"', "[retention]"]
+    lines = ["[node]", f'data_dir = "{node.settings.data_path}"', queue_config(node.settings.queue.url), "[retention]"]
     lines += [f"{k} = {str(v).lower() if isinstance(v, bool) else v}" for k, v in retention_values.items()]
     config.write_text("\n".join(lines) + "\n")
     return config

@@ -23,6 +23,7 @@ def test_shipped_config_loads_with_documented_keys() -> None:
     assert (dest.ae_title, dest.host, dest.port) == ("ORTHANC", "127.0.0.1", 4242)
 
 
+@pytest.mark.sqlite_only("compares [queue] url with its empty default, which the PostgreSQL pass fills in")
 def test_shipped_config_lists_every_setting() -> None:
     """Every field of every section appears in config/cxrnode.toml (the documented defaults)."""
     import dataclasses
@@ -83,6 +84,7 @@ def test_backoff_repeats_its_last_delay() -> None:
 PG_URL = "postgresql+psycopg://cxrnode:s3cret-pass@db.example.org:5432/cxrnode"
 
 
+@pytest.mark.sqlite_only("compares [queue] url with its empty default, which the PostgreSQL pass fills in")
 def test_the_queue_is_the_sqlite_file_unless_a_url_names_postgresql(tmp_path: Path) -> None:
     assert load_settings(None, env={}).queue.url == ""
     settings = load_settings(write(tmp_path, f'[queue]\nurl = "{PG_URL}"\n'), env={})
