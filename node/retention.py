@@ -49,18 +49,14 @@ TMP_GRACE_S = 60.0
 BATCH = 200
 
 
-#: One archived object the purge deletes (its key and size).
-FileEntry = Stored
-
-
 @dataclass(frozen=True)
 class JobFiles:
     """One job's archived objects that the purge deletes."""
 
     job_id: int
     status: str
-    images: tuple[FileEntry, ...]
-    results: tuple[FileEntry, ...]
+    images: tuple[Stored, ...]
+    results: tuple[Stored, ...]
 
 
 @dataclass
@@ -69,7 +65,7 @@ class Tally:
     files: int = 0
     bytes: int = 0
 
-    def add(self, entries: tuple[FileEntry, ...] | list[FileEntry]) -> None:
+    def add(self, entries: tuple[Stored, ...] | list[Stored]) -> None:
         if entries:
             self.jobs += 1
             self.files += len(entries)
@@ -89,7 +85,7 @@ class PurgePlan:
     history_job_ids: list[int] = field(default_factory=list)
     history_rows: dict[str, int] = field(default_factory=dict)
     audit_rows: int = 0
-    tmp_files: list[FileEntry] = field(default_factory=list)
+    tmp_files: list[Stored] = field(default_factory=list)
 
     def report(self, *, dry_run: bool) -> dict[str, Any]:
         images, results, tmp = Tally(), Tally(), Tally()
@@ -135,16 +131,16 @@ def _job_files(archive: Archive, candidate: repository.PurgeCandidate) -> JobFil
     for key in (candidate.source_path, _layout_key(candidate)):
         if key and _is_key(key, "received/") and key not in sources:
             sources.append(key)
-    images: dict[str, FileEntry] = {}
+    images: dict[str, Stored] = {}
     for source in sources:
         if (size := archive.size(source)) is not None:
-            images.setdefault(source, FileEntry(source, size))
+            images.setdefault(source, Stored(source, size))
         for version in archive.versions(source):
             images.setdefault(version.key, version)
-    results: dict[str, FileEntry] = {}
+    results: dict[str, Stored] = {}
     for key in candidate.result_paths:
         if _is_key(key, "results/") and (size := archive.size(key)) is not None:
-            results.setdefault(key, FileEntry(key, size))
+            results.setdefault(key, Stored(key, size))
     for item in archive.list(archive.results_prefix(candidate.job_id)):
         results.setdefault(item.key, item)
     return JobFiles(candidate.job_id, candidate.status, tuple(images.values()), tuple(results.values()))
@@ -165,16 +161,11 @@ def _is_key(value: str, top: str) -> bool:
     return value.startswith(top)
 
 
-def stale_tmp_files(archive: Archive, older_than_s: float = TMP_GRACE_S) -> list[FileEntry]:
-    """``tmp/*.part`` files not written to for ``older_than_s``: leftovers of a crash (a folder
-    archive only; an object store has no partial objects)."""
-    return archive.stale_tmp(older_than_s)
-
-
 def clean_tmp(archive: Archive, older_than_s: float = TMP_GRACE_S) -> tuple[int, int]:
-    """Remove the leftovers of :func:`stale_tmp_files`; returns (files, bytes) removed."""
+    """Remove the ``tmp/*.part`` files a crash left (:meth:`node.archive.Archive.stale_tmp`: a folder
+    archive's only; an object store has no partial objects); returns (files, bytes) removed."""
     files = size = 0
-    for entry in stale_tmp_files(archive, older_than_s):
+    for entry in archive.stale_tmp(older_than_s):
         archive.delete(entry.key)
         files, size = files + 1, size + entry.size
     return files, size
@@ -199,14 +190,14 @@ def plan(settings: Settings, db: Database, archive: Archive, now: datetime | Non
         result.history_rows["job_events"] += len(purging.intersection(result.history_job_ids))
     if result.audit_before is not None:
         result.audit_rows = repository.count_old_associations(db, result.audit_before)
-    result.tmp_files = stale_tmp_files(archive)
+    result.tmp_files = archive.stale_tmp(TMP_GRACE_S)
     return result
 
 
-def _delete_job_files(archive: Archive, job: JobFiles) -> tuple[list[FileEntry], list[FileEntry]]:
+def _delete_job_files(archive: Archive, job: JobFiles) -> tuple[list[Stored], list[Stored]]:
     """Delete one job's planned objects; returns those deleted (a folder archive also removes
     the emptied ``results/<job>`` and ``received/<study>`` folders)."""
-    gone: tuple[list[FileEntry], list[FileEntry]] = ([], [])
+    gone: tuple[list[Stored], list[Stored]] = ([], [])
     for entries, deleted in ((job.images, gone[0]), (job.results, gone[1])):
         for entry in entries:
             archive.delete(entry.key)
@@ -214,7 +205,7 @@ def _delete_job_files(archive: Archive, job: JobFiles) -> tuple[list[FileEntry],
     return gone
 
 
-def _summary(entries: list[FileEntry], what: str) -> str:
+def _summary(entries: list[Stored], what: str) -> str:
     size = sum(e.size for e in entries)
     return f"{len(entries)} {what} file(s), {size} bytes"
 
@@ -277,8 +268,3 @@ def one_line(report: dict[str, Any]) -> str:
             f"results {results['jobs']} job(s) {results['files']} file(s) {mb(results['bytes'])}; "
             f"history {history['jobs']} job(s) {history['rows']} row(s); audit {report['audit']['rows']} row(s); "
             f"tmp {report['tmp']['files']} file(s)")
-
-
-def archive_size(archive: Archive) -> int:
-    """Bytes of every object in the archive (received objects, results, and a folder's tmp)."""
-    return archive.total_bytes()

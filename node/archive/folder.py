@@ -153,12 +153,3 @@ class FolderArchive(Archive):
             if path.is_file() and stat.st_mtime < limit:
                 found.append(Stored(f"tmp/{path.name}", stat.st_size))
         return found
-
-    def total_bytes(self) -> int:
-        total = 0
-        for path in self._files(self.root):
-            try:
-                total += path.lstat().st_size
-            except OSError:
-                continue
-        return total

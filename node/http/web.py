@@ -137,10 +137,12 @@ def preview_files(job: Job, archive: Archive) -> tuple[list[Stored] | None, str]
             return None, f"No results yet (state {job.status}): the preview appears once the job is encoded."
     else:
         keys = [job.instance.path, seg.path, sr.path]
-    found = [Stored(key, size) for key in keys if (size := archive.size(key)) is not None]
-    if len(found) < len(keys):
-        missing = next(key for key in keys if key not in {item.key for item in found})
-        return None, f"An archived file is missing ({missing}): no preview."
+    found = []
+    for key in keys:
+        size = archive.size(key)
+        if size is None:
+            return None, f"An archived file is missing ({key}): no preview."
+        found.append(Stored(key, size))
     return found, ""
 
 
