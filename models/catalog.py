@@ -605,6 +605,7 @@ def _check_loadable(weights_dir: Path, stem: str, meta: dict[str, Any]) -> None:
 
     path = weights_dir / meta.get("weights_file", f"{stem}.pt")
     try:
+        registry.calibration_of(meta)
         net = registry.build_from_meta(meta)
         state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()})

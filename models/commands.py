@@ -22,7 +22,7 @@ ARCHS = ("unet", "resunet")
 TB_ARCHS = ("smallcnn", "densenet121", "resnet18")
 _TRAIN_FLAGS = ("data", "arch", "epochs", "size", "batch_size", "lr", "seed", "device", "out", "resume", "limit")
 SEG_FLAGS = _TRAIN_FLAGS
-TB_FLAGS = _TRAIN_FLAGS + ("members", "segmenter_arch", "segmenter_dir")
+TB_FLAGS = _TRAIN_FLAGS + ("members", "folds", "segmenter_arch", "segmenter_dir")
 #: From-scratch defaults (``--init`` switches epochs and lr to the fine-tune defaults of
 #: :mod:`models.training.finetune`, and arch/size/members to those of the initial weights).
 SCRATCH = {"segmentation": {"size": 256, "lr": 2e-3, "arch": "unet"},
@@ -195,13 +195,22 @@ def _train_segmentation(args: argparse.Namespace) -> int:
 
 def _train_tb(args: argparse.Namespace) -> int:
     _check_data(args.data)
+    if args.folds:
+        if args.folds < 2:
+            raise _fail(f"--folds {args.folds}: cross-fitting needs at least 2 folds")
+        if args.init:
+            raise _fail("--folds cannot start from --init weights: they have seen every training case, "
+                        "so no score would be out of fold")
+        if args.members is not None and args.members != args.folds:
+            raise _fail(f"--folds {args.folds} trains one member per fold; leave out --members or give {args.folds}")
+        args.members = args.folds
     plan = _Plan(args, "tb")
     from models.training.tb import TBConfig, train
 
     cfg = TBConfig(data=args.data, arch=args.arch, members=args.members, epochs=args.epochs, size=args.size,
                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, out=args.out or "runs/tb",
                    resume=args.resume, limit=args.limit, segmenter_arch=args.segmenter_arch,
-                   segmenter_dir=args.segmenter_dir, version=plan.version,
+                   segmenter_dir=args.segmenter_dir, folds=args.folds or 0, version=plan.version,
                    init=plan.init.as_dict() if plan.init else None, extra=args.extra,
                    extra_fraction=args.extra_fraction, extra_min_quality=args.extra_min_quality,
                    network=plan.init.network if plan.init else {},
@@ -210,7 +219,10 @@ def _train_tb(args: argparse.Namespace) -> int:
     t = meta["training"]
     return plan.finish(args, meta, cfg.out,
                        f"wrote {Path(cfg.out) / meta['weights_file']} ({meta['name']} {meta['version']}, sha256 "
-                       f"{meta['sha256'][:12]}…); val AUC {t['val_auc']}, threshold {meta['threshold']:.4f}")
+                       f"{meta['sha256'][:12]}…); val AUC {t['val_auc']}, threshold {meta['threshold']:.4f}"
+                       + (f" (chosen out of fold: AUC {t['cross_fit']['oof']['auc']:.3f}, sensitivity "
+                          f"{t['cross_fit']['oof']['sensitivity']:.3f}, specificity {t['cross_fit']['oof']['specificity']:.3f}; "
+                          f"calibrated, ECE {t['cross_fit']['oof']['ece']:.3f})" if t.get("cross_fit") else ""))
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -279,6 +291,10 @@ def register(subparsers: Any) -> None:
                     help="smallcnn (default), densenet121 or resnet18; with --init: that of the initial weights")
     tb.add_argument("--members", type=int, default=None,
                     help="ensemble size (seeds; default 1; with --init: that of the initial weights)")
+    tb.add_argument("--folds", type=int, default=None, metavar="K",
+                    help="cross-fitting: K members, member k trained without fold k of the training split; the "
+                         "out-of-fold scores fit the score's calibration and choose the threshold, so the val "
+                         "split chooses nothing (implies --members K)")
     tb.add_argument("--segmenter-arch", choices=ARCHS, default="unet", help="segmenter that finds the lungs")
     tb.add_argument("--segmenter-dir", help="folder holding that segmenter's weights (default: shipped)")
     tb.set_defaults(func=_guard(_train_tb))

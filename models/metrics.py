@@ -157,3 +157,29 @@ def calibration(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict:
               "mean_score": round(float(mean_score[i]), 6) if counts[i] else None,
               "positive_rate": round(float(positive_rate[i]), 6) if counts[i] else None} for i in range(bins)]
     return {"ece": round(ece, 6), "brier": round(float(np.mean((scores - labels) ** 2)), 6), "bins": table}
+
+
+def fit_platt(labels: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
+    """Platt scaling (Platt 1999; Guo et al. 2017 for networks): the ``(slope, intercept)`` that
+    minimise the log loss of ``sigmoid(slope * logit + intercept)`` against ``labels``, fitted by
+    L-BFGS through scipy. Needs both classes; the slope is kept positive (the ranking, and so
+    the AUC, never changes)."""
+    from scipy.optimize import minimize
+
+    y, z = _check_scores(np.asarray(labels), np.asarray(logits, dtype=float))
+    if y.sum() == 0 or y.sum() == len(y):
+        raise ValueError("Platt scaling needs both classes")
+
+    def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
+        a, b = params
+        t = a * z + b
+        # log(1 + e^t) - y t, computed stably; its gradient is (sigmoid(t) - y) * (z, 1)
+        nll = np.logaddexp(0.0, t) - y * t
+        r = 1 / (1 + np.exp(-t)) - y
+        return float(nll.mean()), np.array([(r * z).mean(), r.mean()])
+
+    res = minimize(loss, x0=np.array([1.0, 0.0]), jac=True, method="L-BFGS-B",
+                   bounds=[(1e-3, 1e2), (-1e2, 1e2)])
+    if not res.success:
+        raise ValueError(f"Platt scaling did not converge: {res.message}")
+    return float(res.x[0]), float(res.x[1])

@@ -156,3 +156,24 @@ class Ensemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(x) for m in self.members]).mean(dim=0)
+
+
+class Calibrated(nn.Module):
+    """A logit network followed by Platt scaling: ``slope * logit + intercept``.
+
+    Wrapped around a loaded TB scorer whose sidecar has a ``calibration`` (see
+    :func:`models.registry.calibrate`), so the score ``sigmoid`` of it is a probability. The two
+    numbers are plain attributes, not state: the weights file holds the uncalibrated network.
+    """
+
+    def __init__(self, net: nn.Module, slope: float, intercept: float) -> None:
+        super().__init__()
+        if not (slope > 0 and abs(slope) < 1e3 and abs(intercept) < 1e3):
+            raise ValueError(f"calibration slope {slope} / intercept {intercept} out of range "
+                             "(the slope must be positive so the ranking is kept)")
+        self.net = net
+        self.slope = float(slope)
+        self.intercept = float(intercept)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.slope + self.intercept

@@ -125,6 +125,36 @@ def build_from_meta(meta: dict[str, Any]) -> Any:
     return make() if members == 1 else networks.Ensemble([make() for _ in range(members)])
 
 
+def calibration_of(meta: dict[str, Any]) -> tuple[float, float] | None:
+    """The sidecar's Platt calibration ``(slope, intercept)``, or None when it has none.
+
+    ``calibration`` is ``{"method": "platt", "slope": a, "intercept": b, ...}``: the score is
+    ``sigmoid(a * logit + b)`` and the sidecar's ``threshold`` applies to that score.
+    """
+    cal = meta.get("calibration")
+    if cal is None:
+        return None
+    if not isinstance(cal, dict) or cal.get("method") != "platt":
+        raise WeightsError(f"{meta.get('name')}: unknown calibration {cal!r} (only method 'platt' is known)")
+    try:
+        slope, intercept = float(cal["slope"]), float(cal["intercept"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{meta.get('name')}: calibration needs numeric slope and intercept ({exc})") from None
+    if not slope > 0:
+        raise WeightsError(f"{meta.get('name')}: calibration slope {slope} must be positive")
+    return slope, intercept
+
+
+def calibrate(net: Any, meta: dict[str, Any]) -> Any:
+    """``net`` wrapped in its sidecar's calibration (:class:`models.networks.Calibrated`), or as it is."""
+    cal = calibration_of(meta)
+    if cal is None:
+        return net
+    from models import networks
+
+    return networks.Calibrated(net, *cal)
+
+
 _cache: dict[tuple[str, str, str], LoadedModel] = {}
 _lock = threading.Lock()
 
@@ -146,6 +176,7 @@ def load(stem: str, device: str = "cpu", weights_dir: Path = WEIGHTS_DIR) -> Loa
             net.load_state_dict(state)
         except RuntimeError as exc:
             raise WeightsError(f"{path} does not fit the network its sidecar describes: {exc}") from exc
+        net = calibrate(net, meta)
         net.to(device).eval()
         model = LoadedModel(net=net, meta=meta, identity=identity_of(meta), device=device)
         _cache[key] = model
@@ -162,7 +193,8 @@ def save(net: Any, meta: dict[str, Any], stem: str, out_dir: Path) -> dict[str, 
     """Write ``stem``.pt (float16 state dict), its sidecar and its ``SHA256SUMS`` line.
 
     ``meta`` needs at least name, version, kind, arch, network; the sha256, file name and
-    storage dtype are filled in here. Returns the sidecar as written.
+    storage dtype are filled in here. ``net`` is the uncalibrated network (a calibration lives in
+    ``meta``, see :func:`calibrate`). Returns the sidecar as written.
     """
     import torch
 

@@ -6,8 +6,19 @@ the same code as the node (:meth:`models.inference.LungAnalyzer.lung_probabiliti
 sees in service. ``members`` > 1 trains an ensemble of identically configured networks
 with different seeds (their logits are averaged).
 
-The shipped operating threshold is the highest score that still gives sensitivity >= 0.90
-on the validation split (the WHO screening target); with no validation split it is 0.5.
+The operating threshold is the highest score that still gives sensitivity >= 0.90 (the WHO
+screening target). Without cross-fitting it is chosen on the validation split (with no
+validation split it is 0.5), so the val figures at it are optimistic.
+
+Cross-fitting (``folds`` = K >= 2) chooses it without the validation split: the labelled
+training cases are dealt into K folds stratified by source x label, member k of the K-member
+ensemble trains without fold k, and each training case gets an out-of-fold logit from the one
+member that never saw it. Platt scaling (:func:`models.metrics.fit_platt`) is fitted on those
+out-of-fold logits, so the score means a probability (:func:`models.registry.calibrate`; the
+sidecar's ``calibration``), and the threshold is chosen on the calibrated out-of-fold scores.
+The validation split then chooses nothing, and its figures at that threshold are an honest
+check. (Calibration and threshold come from single members' logits and are applied to the
+ensemble's mean logit, which is a little less extreme; the val ECE shows what that costs.)
 Out folder: ``checkpoint.pt``, ``train_log.jsonl``, and the exported ``tb-scorer.*``.
 
 Fine-tuning (``init``) starts each member from the same member of the initial weights (same
@@ -53,6 +64,8 @@ class TBConfig:
     segmenter_arch: str = "unet"
     segmenter_dir: str | None = None  # folder with lung-<arch>.pt/.json/SHA256SUMS; None = shipped
     target_sensitivity: float = 0.90
+    #: K >= 2: cross-fitting (see the module doc; ``members`` must equal K); 0 = off
+    folds: int = 0
     version: str = "1.0.0"
     command: str = ""
     #: initial weights (:meth:`models.training.finetune.InitWeights.as_dict`); None = from scratch
@@ -123,8 +136,57 @@ def tb_report(net: torch.nn.Module, sets: dict[str, tuple[np.ndarray, np.ndarray
     return report, labels[-1], scores[-1]
 
 
+def assign_folds(labels: np.ndarray, sources: list[str], k: int, seed: int) -> np.ndarray:
+    """Fold number (0..k-1) of each case, dealt round-robin within each source x label stratum
+    after a seeded shuffle, so every fold holds each stratum in proportion."""
+    if k < 2:
+        raise ValueError(f"cross-fitting needs at least 2 folds, not {k}")
+    labels = np.asarray(labels)
+    if len(labels) != len(sources):
+        raise ValueError("labels and sources differ in length")
+    folds = np.full(len(labels), -1, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    offset = 0
+    for key in sorted(set(zip(sources, labels.tolist()))):
+        idx = np.array([i for i, (s, y) in enumerate(zip(sources, labels.tolist())) if (s, y) == key])
+        idx = idx[rng.permutation(len(idx))]
+        folds[idx] = (np.arange(len(idx)) + offset) % k
+        offset += len(idx)  # the next stratum starts where this one stopped, so fold sizes stay even
+    return folds
+
+
+def check_folds(cfg: TBConfig) -> None:
+    """Refuse cross-fitting settings that cannot give honest out-of-fold scores."""
+    if cfg.folds == 0:
+        return
+    if cfg.folds < 2:
+        raise ValueError(f"--folds {cfg.folds}: cross-fitting needs at least 2 folds (0 turns it off)")
+    if cfg.members != cfg.folds:
+        raise ValueError(f"--folds {cfg.folds} trains one member per fold; --members {cfg.members} does not match")
+    if cfg.init is not None:
+        raise ValueError("--folds cannot start from --init weights: they have seen every training case, "
+                         "so no score would be out of fold")
+
+
+def cross_fit_calibration(labels: np.ndarray, oof_logits: np.ndarray, target: float) -> dict[str, Any]:
+    """From out-of-fold logits: the Platt calibration, the threshold on the calibrated scores, and
+    the out-of-fold figures before and after calibration (sidecar ``training.cross_fit``)."""
+    slope, intercept = metrics.fit_platt(labels, oof_logits)
+    raw = 1 / (1 + np.exp(-oof_logits))
+    cal = 1 / (1 + np.exp(-(slope * oof_logits + intercept)))
+    threshold = metrics.threshold_for_sensitivity(labels, cal, target)
+    sens, spec = metrics.sensitivity_specificity(labels, cal, threshold)
+    before, after = metrics.calibration(labels, raw), metrics.calibration(labels, cal)
+    return {"slope": slope, "intercept": intercept, "threshold": threshold,
+            "oof": {"n": len(labels), "n_tb": int(labels.sum()), "auc": _auc(labels, oof_logits),
+                    "sensitivity": sens, "specificity": spec,
+                    "ece_uncalibrated": before["ece"], "brier_uncalibrated": before["brier"],
+                    "ece": after["ece"], "brier": after["brier"]}}
+
+
 def train(cfg: TBConfig) -> dict[str, Any]:
     """Train (or resume) the TB scorer; return the exported sidecar."""
+    check_folds(cfg)
     init = finetune.init_from_config(cfg.init)
     states: list[dict[str, torch.Tensor]] | None = None
     if init is not None:
@@ -144,6 +206,8 @@ def train(cfg: TBConfig) -> dict[str, Any]:
     seg_size = int(seg.meta["input_size"])
     base_rows = {split: mix.read_split(cfg.data, split, cfg.limit) for split in ("train", "val")}
     x_tr, y_tr = _inputs(base_rows["train"], seg, seg_size, device, cfg.size)
+    fold = (assign_folds(y_tr, [c.source for c in _labelled(base_rows["train"])], cfg.folds, cfg.seed)
+            if cfg.folds else None)
     val_sets = {mix.BASE: _inputs(base_rows["val"], seg, seg_size, device, cfg.size)}
     summary: dict[str, Any] = {mix.BASE: {"folder": str(Path(cfg.data).resolve()),
                                           **{split: mix.set_summary(r, _labelled(r)) for split, r in base_rows.items()}}}
@@ -184,11 +248,16 @@ def train(cfg: TBConfig) -> dict[str, Any]:
         log.write({"member": 0, "epoch": 0, "val": initial_report, "init": init.ref, "seconds": 0.0})
         tqdm.write(f"initial weights {init.ref}: val AUC {initial_report[mix.BASE]['auc']}", file=sys.stderr)
         del initial
-    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr).float()
-    epoch_len = sum(mix.epoch_sizes(n_base, n_extra, fraction).values())
+    x_all, y_all = torch.from_numpy(x_tr), torch.from_numpy(y_tr).float()
     timer = common.Timer()
     while member < cfg.members:
         g = common.seed_everything(cfg.seed + member)
+        if fold is None:
+            xt, yt, n_member = x_all, y_all, n_base
+        else:  # this member never sees its fold of the base training cases (extra cases: always)
+            keep = torch.from_numpy(np.concatenate([np.flatnonzero(fold != member), np.arange(n_base, len(y_all))]))
+            xt, yt, n_member = x_all[keep], y_all[keep], int((fold != member).sum())
+        epoch_len = sum(mix.epoch_sizes(n_member, n_extra, fraction).values())
         net = networks.build_tb_scorer(cfg.arch, **cfg.network).to(device)
         if states is not None:
             net.load_state_dict(states[member])
@@ -204,7 +273,7 @@ def train(cfg: TBConfig) -> dict[str, Any]:
         resume_state = None
         for epoch in range(start, cfg.epochs):
             net.train()
-            order = mix.epoch_order(n_base, n_extra, fraction, g)
+            order = mix.epoch_order(n_member, n_extra, fraction, g)
             losses = []
             bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"tb member {member + 1}/{cfg.members} epoch {epoch + 1}/{cfg.epochs}",
                        leave=False, file=sys.stderr)
@@ -225,7 +294,7 @@ def train(cfg: TBConfig) -> dict[str, Any]:
             rec = {"member": member + 1, "epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
                    "val_auc": auc, "lr": opt.param_groups[0]["lr"], "seconds": round(timer(), 1)}
             if extra is not None:
-                rec["drawn"] = {mix.BASE: int((order < n_base).sum()), mix.EXTRA: int((order >= n_base).sum())}
+                rec["drawn"] = {mix.BASE: int((order < n_member).sum()), mix.EXTRA: int((order >= n_member).sum())}
             log.write(rec)
             tqdm.write(f"member {member + 1} epoch {epoch + 1}/{cfg.epochs} loss {rec['loss']:.4f} val_auc {auc:.4f}", file=sys.stderr)
             common.save_checkpoint(ckpt, model=net.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
@@ -243,23 +312,47 @@ def train(cfg: TBConfig) -> dict[str, Any]:
         members.append(m)
     final = members[0] if len(members) == 1 else networks.Ensemble(members)
     final.to(device)
-    val_logits = predict_logits(final, x_va, device)
+    cross_fit, calibration, scored = None, None, final
+    if fold is not None:
+        oof = np.zeros(n_base, np.float32)
+        for k, m in enumerate(members):
+            m.to(device)
+            oof[fold == k] = predict_logits(m, x_tr[:n_base][fold == k], device)
+        cross_fit = cross_fit_calibration(y_tr[:n_base], oof, cfg.target_sensitivity)
+        calibration = {"method": "platt", "slope": cross_fit.pop("slope"), "intercept": cross_fit.pop("intercept"),
+                       "fitted_on": f"out-of-fold logits of the {n_base} labelled training cases "
+                                    f"({cfg.folds}-fold cross-fitting), applied to the ensemble's mean logit"}
+        scored = networks.Calibrated(final, calibration["slope"], calibration["intercept"])
+    val_logits = predict_logits(scored, x_va, device)
     val_scores = 1 / (1 + np.exp(-val_logits))
-    if len(y_va) and y_va.sum() > 0:
+    if cross_fit is not None:
+        threshold = cross_fit.pop("threshold")
+        sens, spec = (metrics.sensitivity_specificity(y_va, val_scores, threshold) if len(y_va)
+                      else (float("nan"), float("nan")))
+        rule = (f"highest threshold with out-of-fold sensitivity >= {cfg.target_sensitivity} on the calibrated "
+                f"scores of the training split ({cfg.folds}-fold cross-fitting; the val split chose nothing)")
+    elif len(y_va) and y_va.sum() > 0:
         threshold = metrics.threshold_for_sensitivity(y_va, val_scores, cfg.target_sensitivity)
         sens, spec = metrics.sensitivity_specificity(y_va, val_scores, threshold)
+        rule = f"highest threshold with val sensitivity >= {cfg.target_sensitivity}"
     else:
         threshold, sens, spec = 0.5, float("nan"), float("nan")
-    report, _, _ = tb_report(final, val_sets, device, threshold)
+        rule = f"highest threshold with val sensitivity >= {cfg.target_sensitivity}"
+    if cross_fit is not None and len(y_va) and 0 < y_va.sum() < len(y_va):
+        val_cal = metrics.calibration(y_va, val_scores)
+        cross_fit["val_ece"], cross_fit["val_brier"] = val_cal["ece"], val_cal["brier"]
+    report, _, _ = tb_report(scored, val_sets, device, threshold)
     meta = {
         "name": "cxrnode-tb-scorer", "version": cfg.version, "kind": "tb", "arch": cfg.arch, "network": cfg.network,
         "members": len(members), "input_size": cfg.size, "threshold": threshold,
         "input": "lung-cropped image + lung mask (models.transforms.tb_input)",
         "segmenter_used_for_training": seg.identity.name + " " + seg.identity.version,
+        **({"calibration": calibration} if calibration is not None else {}),
         "training": {"command": cfg.command, "config": asdict(cfg), "n_train": int(len(y_tr)), "n_val": int(len(y_va)),
                      "val_auc": _auc(y_va, val_logits), "val_sensitivity": sens, "val_specificity": spec,
-                     "threshold_rule": f"highest threshold with val sensitivity >= {cfg.target_sensitivity}"
-                                       + (" (base and extra val cases together)" if extra is not None else ""),
+                     "threshold_rule": rule + (" (base and extra val cases together)"
+                                               if extra is not None and cross_fit is None else ""),
+                     "cross_fit": cross_fit,
                      "seconds": round(timer(), 1), "device": str(device),
                      "init": init.as_dict() if init is not None else None, "data": summary, "val": report,
                      "val_initial": initial_report},
