@@ -22,7 +22,7 @@ ARCHS = ("unet", "resunet")
 TB_ARCHS = ("smallcnn", "densenet121", "resnet18")
 _TRAIN_FLAGS = ("data", "arch", "epochs", "size", "batch_size", "lr", "seed", "device", "out", "resume", "limit")
 SEG_FLAGS = _TRAIN_FLAGS
-TB_FLAGS = _TRAIN_FLAGS + ("members", "folds", "segmenter_arch", "segmenter_dir")
+TB_FLAGS = _TRAIN_FLAGS + ("members", "folds", "shift_copies", "p_shift", "shifts", "segmenter_arch", "segmenter_dir")
 #: From-scratch defaults (``--init`` switches epochs and lr to the fine-tune defaults of
 #: :mod:`models.training.finetune`, and arch/size/members to those of the initial weights).
 SCRATCH = {"segmentation": {"size": 256, "lr": 2e-3, "arch": "unet"},
@@ -210,7 +210,9 @@ def _train_tb(args: argparse.Namespace) -> int:
     cfg = TBConfig(data=args.data, arch=args.arch, members=args.members, epochs=args.epochs, size=args.size,
                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, out=args.out or "runs/tb",
                    resume=args.resume, limit=args.limit, segmenter_arch=args.segmenter_arch,
-                   segmenter_dir=args.segmenter_dir, folds=args.folds or 0, version=plan.version,
+                   segmenter_dir=args.segmenter_dir, folds=args.folds or 0, shift_copies=args.shift_copies or 0,
+                   p_shift=args.p_shift if args.p_shift is not None else (0.5 if args.shift_copies else 0.0), shifts=tuple(n.strip() for n in args.shifts.split(",") if n.strip())
+                   if args.shifts else (), version=plan.version,
                    init=plan.init.as_dict() if plan.init else None, extra=args.extra,
                    extra_fraction=args.extra_fraction, extra_min_quality=args.extra_min_quality,
                    network=plan.init.network if plan.init else {},
@@ -231,7 +233,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate(args.data, split=args.split, arch=args.arch, device=args.device,
                       weights_dir=args.weights, progress=not args.json, overlays_dir=args.overlays,
-                      per_case_csv=args.per_case)
+                      per_case_csv=args.per_case, shifts=args.shift, runtime=args.runtime,
+                      onnx_cache=args.onnx_cache)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 
@@ -295,6 +298,14 @@ def register(subparsers: Any) -> None:
                     help="cross-fitting: K members, member k trained without fold k of the training split; the "
                          "out-of-fold scores fit the score's calibration and choose the threshold, so the val "
                          "split chooses nothing (implies --members K)")
+    tb.add_argument("--shift-copies", type=int, default=None, metavar="N",
+                    help="acquisition-shift augmentation: N shifted versions of each training image (raw image -> "
+                         "shift -> segmenter -> crop, as the node sees it), precomputed once (default 0: off)")
+    tb.add_argument("--p-shift", type=float, default=None, metavar="P",
+                    help="probability that a training sample is replaced by one of its shifted versions "
+                         "(default 0.5 with --shift-copies)")
+    tb.add_argument("--shifts", metavar="NAME[,NAME...]",
+                    help="shifts to draw from (models.shifts; default: all of them)")
     tb.add_argument("--segmenter-arch", choices=ARCHS, default="unet", help="segmenter that finds the lungs")
     tb.add_argument("--segmenter-dir", help="folder holding that segmenter's weights (default: shipped)")
     tb.set_defaults(func=_guard(_train_tb))
@@ -303,10 +314,19 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--split", help="evaluate only this split (default: all cases)")
     ev.add_argument("--arch", choices=ARCHS, default="unet")
     ev.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ev.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                    help="run the networks in torch (default) or as ONNX in onnxruntime on the CPU, as the node "
+                         "does with [worker] runtime")
+    ev.add_argument("--onnx-cache", metavar="DIR",
+                    help="where --runtime onnx keeps its exports (default $XDG_CACHE_HOME/cxrnode/onnx)")
     ev.add_argument("--overlays", metavar="DIR",
                     help="also write prediction | reference | difference pictures per case and DIR/index.html, worst first")
     ev.add_argument("--per-case", metavar="FILE.csv",
                     help="also write one row per case: case_id, source, tb_label, tb_score, tb_call, dice, jaccard, hd95")
+    ev.add_argument("--shift", metavar="NAME[,NAME...]",
+                    help="stress test: evaluate with each simulated acquisition shift applied to every image (seeded "
+                         "per case, reruns identical) next to 'none': gamma, blur, noise, border, text, crop, invert, "
+                         "film (models/shifts.py); NAME:STRENGTH for another strength")
     ev.add_argument("--weights", help=argparse.SUPPRESS)  # alternative weights folder (tests)
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ev.set_defaults(func=_guard(_evaluate))

@@ -2,10 +2,16 @@
 
 Evaluation (:mod:`models.evaluation`) uses exactly this class and the same shipped
 weights, so the reported metrics are the node's metrics.
+
+The networks run in torch (the default) or, with ``runtime="onnx"``, as ONNX exports in
+onnxruntime on the CPU (:mod:`models.onnx_runtime`); the pre- and post-processing around them is
+the same code either way.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,9 +20,19 @@ import numpy as np
 
 from models import registry, transforms
 from models.identity import ModelIdentity
+from models.onnx_runtime import RUNTIMES
 
 if TYPE_CHECKING:
     from models.catalog import Entry
+    from models.onnx_runtime import OnnxNetwork
+
+log = logging.getLogger(__name__)
+
+def check_runtime(runtime: str) -> str:
+    """``runtime`` if it is one of :data:`RUNTIMES`, else ValueError."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; use {' or '.join(RUNTIMES)}")
+    return runtime
 
 
 @dataclass(frozen=True)
@@ -44,10 +60,31 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def _runtime_device(runtime: str, device: str, onnx_cache: str | os.PathLike[str] | None
+                    ) -> tuple[str, str, Path | None]:
+    """(runtime, resolved device, ONNX cache folder) for a load. ONNX runs on the CPU (onnxruntime's
+    CPU provider): ``auto`` means ``cpu`` there, and a GPU asked for by name is an error."""
+    runtime = check_runtime(runtime)
+    cache = Path(onnx_cache) if onnx_cache is not None else None
+    if runtime == "torch":
+        return runtime, resolve_device(device), cache
+    if device != "auto" and device != "cpu":
+        raise ValueError(f"runtime 'onnx' runs on the CPU (onnxruntime's CPU provider); device {device!r} "
+                         "needs runtime 'torch'")
+    if device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            log.info("runtime onnx: the networks run on the CPU (onnxruntime's CPU provider), not on the GPU "
+                     "torch sees; use runtime 'torch' for the GPU")
+    return runtime, "cpu", cache
+
+
 class LungAnalyzer:
     """Lung segmentation plus TB scoring with the shipped (checksummed) weights."""
 
-    def __init__(self, segmenter: registry.LoadedModel, tb_model: registry.LoadedModel) -> None:
+    def __init__(self, segmenter: registry.LoadedModel, tb_model: registry.LoadedModel, runtime: str = "torch",
+                 onnx_cache: str | os.PathLike[str] | None = None) -> None:
         self._seg = segmenter
         self._tb = tb_model
         self.device: str = segmenter.device
@@ -58,29 +95,50 @@ class LungAnalyzer:
         self.tb_threshold: float = float(tb_model.meta["threshold"])
         #: (segmenter ref, TB ref) in the model registry when loaded by :meth:`from_entries`, else None
         self.refs: tuple[str, str] | None = None
+        #: ``torch`` or ``onnx`` (:mod:`models.onnx_runtime`: the same networks exported, run by onnxruntime)
+        self.runtime: str = check_runtime(runtime)
+        self._seg_onnx: OnnxNetwork | None = None
+        self._tb_onnx: OnnxNetwork | None = None
+        if runtime == "onnx":
+            from models import onnx_runtime
+
+            seg_shape = (1, 1, self.seg_size, self.seg_size)
+            # the TB scorer's input as analyze() makes it: (channels, size, size) from the shared transform
+            tb_shape = (1, *transforms.tb_input_for_lungs(np.zeros(seg_shape[2:], np.float32),
+                                                          np.ones(seg_shape[2:], bool), self.tb_size).shape)
+            self._seg_onnx = onnx_runtime.network_for(segmenter, seg_shape, onnx_cache)
+            self._tb_onnx = onnx_runtime.network_for(tb_model, tb_shape, onnx_cache)
 
     @classmethod
     def load(
-        cls, arch: str = "unet", device: str = "auto", weights_dir: str | Path | None = None
-    ) -> "LungAnalyzer":
-        """Load (and checksum) the segmenter for ``arch`` and the TB scorer, once per process."""
+        cls, arch: str = "unet", device: str = "auto", weights_dir: str | Path | None = None,
+        runtime: str = "torch", onnx_cache: str | os.PathLike[str] | None = None,
+    ) -> LungAnalyzer:
+        """Load (and checksum) the segmenter for ``arch`` and the TB scorer, once per process.
+
+        ``runtime``: ``torch`` (default) or ``onnx``
+        (on the CPU; exported once into ``onnx_cache``, default
+        :func:`models.onnx_runtime.default_cache_dir`)."""
         if arch not in registry.SEGMENTER_FILES:
             raise ValueError(f"unknown segmentation arch {arch!r}; choose from {', '.join(registry.SEGMENTER_FILES)}")
         wd = Path(weights_dir) if weights_dir is not None else registry.WEIGHTS_DIR
-        dev = resolve_device(device)
+        runtime, dev, cache = _runtime_device(runtime, device, onnx_cache)
         seg = registry.load(registry.SEGMENTER_FILES[arch], dev, wd)
         tb = registry.load(registry.TB_FILE, dev, wd)
-        return cls(seg, tb)
+        return cls(seg, tb, runtime, cache)
 
     @classmethod
-    def from_entries(cls, segmenter: Entry, tb: Entry, device: str = "auto") -> LungAnalyzer:
+    def from_entries(cls, segmenter: Entry, tb: Entry, device: str = "auto", runtime: str = "torch",
+                     onnx_cache: str | os.PathLike[str] | None = None) -> LungAnalyzer:
         """Load two registry entries (:class:`models.catalog.Entry`), checksummed exactly as the
-        shipped weights are (:func:`models.registry.load` on the entry's folder), once per process."""
+        shipped weights are (:func:`models.registry.load` on the entry's folder), once per process;
+        ``runtime`` and ``onnx_cache`` as for :meth:`load`."""
         if segmenter.slot != "segmenter" or tb.slot != "tb":
             raise ValueError(f"need a segmenter and a TB scorer, got {segmenter.ref} ({segmenter.slot}) "
                              f"and {tb.ref} ({tb.slot})")
-        dev = resolve_device(device)
-        analyzer = cls(registry.load(segmenter.stem, dev, segmenter.folder), registry.load(tb.stem, dev, tb.folder))
+        runtime, dev, cache = _runtime_device(runtime, device, onnx_cache)
+        analyzer = cls(registry.load(segmenter.stem, dev, segmenter.folder), registry.load(tb.stem, dev, tb.folder),
+                       runtime, cache)
         analyzer.refs = (segmenter.ref, tb.ref)
         return analyzer
 
@@ -103,6 +161,9 @@ class LungAnalyzer:
         """Segmenter probabilities for a preprocessed ``seg_size`` image; float32."""
         import torch
 
+        if self._seg_onnx is not None:
+            logits = self._seg_onnx(np.ascontiguousarray(net_image, dtype=np.float32)[None, None])
+            return torch.sigmoid(torch.from_numpy(logits))[0, 0].numpy()
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(net_image, dtype=np.float32))[None, None].to(self.device)
             return torch.sigmoid(self._seg.net(x))[0, 0].float().cpu().numpy()
@@ -115,6 +176,8 @@ class LungAnalyzer:
         """The TB scorer's output for its input (:func:`models.transforms.tb_input`)."""
         import torch
 
+        if self._tb_onnx is not None:
+            return float(torch.sigmoid(torch.from_numpy(self._tb_onnx(x[None]))).reshape(-1)[0].item())
         with torch.inference_mode():
             t = torch.from_numpy(x)[None].to(self.device)
             return float(torch.sigmoid(self._tb.net(t)).reshape(-1)[0].item())

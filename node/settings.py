@@ -307,12 +307,22 @@ class WorkerSettings:
     #: The worker or sender loop failing on every turn this long (e.g. the queue database
     #: unreachable) stops the node with exit code 75 so that its supervisor restarts it.
     give_up_after_s: float = 300.0
+    #: What runs the networks: "torch", or "onnx" (the same weights exported to ONNX once, cached in
+    #: <data_dir>/cache/onnx, run by onnxruntime on the CPU; models/onnx_runtime.py). "onnx" runs on the
+    #: CPU only: with device "auto" it uses the CPU even on a GPU host; device "cuda" is refused.
+    runtime: str = "torch"
 
     def __post_init__(self) -> None:
         if self.architecture not in {"unet", "resunet"}:
             raise SettingsError(f"worker.architecture: {self.architecture!r} is not unet or resunet")
         if self.device not in {"auto", "cpu", "cuda"} and not self.device.startswith("cuda:"):
             raise SettingsError(f"worker.device: {self.device!r} is not auto, cpu or cuda[:N]")
+        if self.runtime not in {"torch", "onnx"}:
+            raise SettingsError(f"worker.runtime: {self.runtime!r} is not torch or onnx")
+        if self.runtime == "onnx" and self.device not in {"auto", "cpu"}:
+            raise SettingsError(f"worker.runtime: \"onnx\" runs on the CPU (onnxruntime's CPU provider), but "
+                                f"worker.device is {self.device!r}; use device \"cpu\" or \"auto\" with "
+                                "runtime \"onnx\", or runtime \"torch\" for the GPU")
         if not 1 <= self.concurrency <= 32:
             raise SettingsError(f"worker.concurrency: {self.concurrency} is not between 1 and 32")
         _positive("worker.poll_interval_s", self.poll_interval_s)
@@ -613,6 +623,11 @@ class Settings:
     def models_registry_path(self) -> Path:
         """The model registry folder (``[models] registry``, default ``<data_dir>/models``)."""
         return self.models.registry_path(self.node.data_dir)
+
+    @property
+    def onnx_cache_path(self) -> Path:
+        """Where ``worker.runtime = "onnx"`` keeps its exports: ``<data_dir>/cache/onnx``."""
+        return Path(self.node.data_dir) / "cache" / "onnx"
 
     @property
     def output_kinds(self) -> tuple[str, ...]:

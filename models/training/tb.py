@@ -19,6 +19,14 @@ sidecar's ``calibration``), and the threshold is chosen on the calibrated out-of
 The validation split then chooses nothing, and its figures at that threshold are an honest
 check. (Calibration and threshold come from single members' logits and are applied to the
 ensemble's mean logit, which is a little less extreme; the val ECE shows what that costs.)
+
+Acquisition shifts (``shifts``, ``shift_copies``, ``p_shift``): before training, each training
+case gets ``shift_copies`` extra versions of its *raw* image, each under one randomly drawn
+shift of :mod:`models.shifts` (other detectors' LUTs, blur, noise, borders, burned-in text,
+cropping, inverted polarity, digitised film), run through preprocessing, the segmenter and the
+TB crop exactly as the node would see it, so the lungs and the crop follow the shift. In each
+batch a sample is replaced by one of its shifted versions with probability ``p_shift``. Off
+unless asked; the draws are seeded by ``seed`` and the case id.
 Out folder: ``checkpoint.pt``, ``train_log.jsonl``, and the exported ``tb-scorer.*``.
 
 Fine-tuning (``init``) starts each member from the same member of the initial weights (same
@@ -39,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models import metrics, networks, registry, transforms
+from models import data, metrics, networks, registry, transforms
 from models.training import common, finetune, mix
 from models.training.segmentation import predict_probs
 
@@ -66,6 +74,12 @@ class TBConfig:
     target_sensitivity: float = 0.90
     #: K >= 2: cross-fitting (see the module doc; ``members`` must equal K); 0 = off
     folds: int = 0
+    #: acquisition shifts drawn from (:mod:`models.shifts` names); () = all of them when shift_copies > 0
+    shifts: tuple[str, ...] = ()
+    #: shifted versions precomputed per training case (0 = no shift augmentation)
+    shift_copies: int = 0
+    #: probability that a training sample is replaced by one of its shifted versions
+    p_shift: float = 0.0
     version: str = "1.0.0"
     command: str = ""
     #: initial weights (:meth:`models.training.finetune.InitWeights.as_dict`); None = from scratch
@@ -102,6 +116,46 @@ def _auc(labels: np.ndarray, logits: np.ndarray) -> float:
 
 def _labelled(cases: list) -> list:
     return [c for c in cases if c.tb_label is not None]
+
+
+def shifted_inputs(cases: list, seg: Any, seg_size: int, device: torch.device, size: int, names: tuple[str, ...],
+                   copies: int, seed: int) -> tuple[np.ndarray, list[list[str]]]:
+    """(N, copies, 2, size, size) TB inputs of the labelled ``cases``, each copy from the raw image under
+    one shift drawn from ``names`` (seeded by ``seed``, the case id and the copy number), through the
+    same preprocessing, segmenter and crop as :func:`build_inputs`; and the shift names drawn."""
+    from models import shifts
+
+    labelled = _labelled(cases)
+    out = np.zeros((len(labelled), copies, 2, size, size), np.float32)
+    drawn: list[list[str]] = []
+    for i, case in enumerate(labelled):
+        raw = data.load_image(case.image_path)
+        images, names_i = [], []
+        for c in range(copies):
+            rng = shifts.case_rng(seed, case.case_id, f"train-copy-{c}")
+            name = names[int(rng.integers(len(names)))]
+            images.append(transforms.preprocess(shifts.apply(name, raw, rng), seg_size))
+            names_i.append(name)
+        probs = predict_probs(seg.net, np.stack(images).astype(np.float32), device)
+        out[i] = np.stack([transforms.tb_input(im, p, size) for im, p in zip(images, probs)])
+        drawn.append(names_i)
+    return out, drawn
+
+
+def _check_shifts(cfg: TBConfig) -> tuple[str, ...]:
+    """The shift names to draw from (validated), or () when shift augmentation is off."""
+    from models import shifts
+
+    if cfg.shift_copies < 0 or not 0 <= cfg.p_shift <= 1:
+        raise ValueError(f"shift_copies {cfg.shift_copies} must be >= 0 and p_shift {cfg.p_shift} in [0, 1]")
+    if cfg.shift_copies == 0:
+        if cfg.p_shift > 0 or cfg.shifts:
+            raise ValueError("--p-shift and --shifts need --shift-copies >= 1")
+        return ()
+    names = tuple(cfg.shifts) or shifts.names()
+    for name in names:
+        shifts.get(name)
+    return names
 
 
 def _inputs(cases: list, seg: Any, seg_size: int, device: torch.device, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -187,6 +241,7 @@ def cross_fit_calibration(labels: np.ndarray, oof_logits: np.ndarray, target: fl
 def train(cfg: TBConfig) -> dict[str, Any]:
     """Train (or resume) the TB scorer; return the exported sidecar."""
     check_folds(cfg)
+    shift_names = _check_shifts(cfg)
     init = finetune.init_from_config(cfg.init)
     states: list[dict[str, torch.Tensor]] | None = None
     if init is not None:
@@ -208,6 +263,11 @@ def train(cfg: TBConfig) -> dict[str, Any]:
     x_tr, y_tr = _inputs(base_rows["train"], seg, seg_size, device, cfg.size)
     fold = (assign_folds(y_tr, [c.source for c in _labelled(base_rows["train"])], cfg.folds, cfg.seed)
             if cfg.folds else None)
+    x_shift, shift_counts = None, None
+    if shift_names:  # only the base training cases get shifted copies
+        x_shift, drawn = shifted_inputs(base_rows["train"], seg, seg_size, device, cfg.size, shift_names,
+                                        cfg.shift_copies, cfg.seed)
+        shift_counts = {n: sum(d.count(n) for d in drawn) for n in shift_names}
     val_sets = {mix.BASE: _inputs(base_rows["val"], seg, seg_size, device, cfg.size)}
     summary: dict[str, Any] = {mix.BASE: {"folder": str(Path(cfg.data).resolve()),
                                           **{split: mix.set_summary(r, _labelled(r)) for split, r in base_rows.items()}}}
@@ -249,14 +309,17 @@ def train(cfg: TBConfig) -> dict[str, Any]:
         tqdm.write(f"initial weights {init.ref}: val AUC {initial_report[mix.BASE]['auc']}", file=sys.stderr)
         del initial
     x_all, y_all = torch.from_numpy(x_tr), torch.from_numpy(y_tr).float()
+    xs_all = torch.from_numpy(x_shift) if x_shift is not None else None
     timer = common.Timer()
     while member < cfg.members:
         g = common.seed_everything(cfg.seed + member)
         if fold is None:
-            xt, yt, n_member = x_all, y_all, n_base
+            xt, yt, n_member, xs = x_all, y_all, n_base, xs_all
         else:  # this member never sees its fold of the base training cases (extra cases: always)
-            keep = torch.from_numpy(np.concatenate([np.flatnonzero(fold != member), np.arange(n_base, len(y_all))]))
-            xt, yt, n_member = x_all[keep], y_all[keep], int((fold != member).sum())
+            mine = np.flatnonzero(fold != member)
+            keep = torch.from_numpy(np.concatenate([mine, np.arange(n_base, len(y_all))]))
+            xt, yt, n_member = x_all[keep], y_all[keep], len(mine)
+            xs = xs_all[torch.from_numpy(mine)] if xs_all is not None else None
         epoch_len = sum(mix.epoch_sizes(n_member, n_extra, fraction).values())
         net = networks.build_tb_scorer(cfg.arch, **cfg.network).to(device)
         if states is not None:
@@ -281,7 +344,15 @@ def train(cfg: TBConfig) -> dict[str, Any]:
                 idx = order[i : i + cfg.batch_size]
                 if len(idx) < 2:
                     continue  # batch norm needs more than one sample
-                x = common.random_affine(xt[idx].to(device), aug, g)
+                x = xt[idx]
+                if xs is not None:  # base cases (index < n_member) may be swapped for a shifted version
+                    swap = (torch.rand(len(idx), generator=g) < cfg.p_shift) & (idx < n_member)
+                    if swap.any():
+                        copy = torch.randint(cfg.shift_copies, (len(idx),), generator=g)
+                        rows = torch.nonzero(swap).reshape(-1)
+                        x = x.clone()
+                        x[rows] = xs[idx[rows], copy[rows]]
+                x = common.random_affine(x.to(device), aug, g)
                 x = torch.cat([common.random_intensity(x[:, :1], aug, g), x[:, 1:]], 1)
                 loss = F.binary_cross_entropy_with_logits(net(x).reshape(-1), yt[idx].to(device))
                 opt.zero_grad(set_to_none=True)
@@ -352,7 +423,7 @@ def train(cfg: TBConfig) -> dict[str, Any]:
                      "val_auc": _auc(y_va, val_logits), "val_sensitivity": sens, "val_specificity": spec,
                      "threshold_rule": rule + (" (base and extra val cases together)"
                                                if extra is not None and cross_fit is None else ""),
-                     "cross_fit": cross_fit,
+                     "cross_fit": cross_fit, "shift_copies_drawn": shift_counts,
                      "seconds": round(timer(), 1), "device": str(device),
                      "init": init.as_dict() if init is not None else None, "data": summary, "val": report,
                      "val_initial": initial_report},

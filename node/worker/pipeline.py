@@ -158,12 +158,18 @@ class _Serving:
     shadow: LungAnalyzer | None
 
 
-def _load_champions(registry: ModelRegistry, device: str) -> LungAnalyzer:
-    """The registry's segmenter and TB champions, checksummed and loaded (once per process)."""
+def _load_champions(registry: ModelRegistry, device: str, settings: Settings) -> LungAnalyzer:
+    """The registry's segmenter and TB champions, checksummed and loaded (once per process), in the
+    ``worker.runtime`` (ONNX exports cached in ``<data_dir>/cache/onnx``)."""
     from models.inference import LungAnalyzer
 
     champions = registry.champions()
-    return LungAnalyzer.from_entries(champions["segmenter"], champions["tb"], device)
+    return LungAnalyzer.from_entries(champions["segmenter"], champions["tb"], device, **_runtime(settings))
+
+
+def _runtime(settings: Settings) -> dict[str, Any]:
+    """The ``runtime`` and ``onnx_cache`` arguments of :class:`models.inference.LungAnalyzer`'s loaders."""
+    return {"runtime": settings.worker.runtime, "onnx_cache": settings.onnx_cache_path}
 
 
 class Pipeline:
@@ -209,13 +215,14 @@ class Pipeline:
                  device.device_serial_number, device.device_uid)
         registry = ModelRegistry(settings.models_registry_path, initial_arch=settings.worker.architecture)
         token = registry.state_token()  # first: a change from here on is seen before the next job
-        analyzer = _load_champions(registry, settings.worker.device)
+        analyzer = _load_champions(registry, settings.worker.device, settings)
         seg, arch = analyzer.segmenter_identity, analyzer.segmenter_arch
         if arch != settings.worker.architecture:
             log.warning("worker.architecture is %s but the segmenter in service is %s (%s): the model registry "
                         "decides (cxrnode models list; promote another with cxrnode models promote)",
                         settings.worker.architecture, analyzer.refs[0], arch)
-        log.info("models loaded on %s: %s (%s %s) and %s from %s", analyzer.device, analyzer.refs[0], seg.name,
+        log.info("models loaded on %s (%s): %s (%s %s) and %s from %s", analyzer.device,
+                 "onnxruntime, CPU provider" if analyzer.runtime == "onnx" else "torch", analyzer.refs[0], seg.name,
                  seg.version, analyzer.refs[1], registry.root)
         metrics.models_loaded(arch, analyzer)
         return cls(settings, analyzer, device, registry=registry, registry_token=token)
@@ -243,7 +250,7 @@ class Pipeline:
             refs = self.registry.champion_refs()
             if (refs.get("segmenter"), refs.get("tb")) == self.analyzer.refs:
                 return False
-            analyzer = _load_champions(self.registry, self.analyzer.device)
+            analyzer = _load_champions(self.registry, self.analyzer.device, self.settings)
         except Exception as exc:  # noqa: BLE001 - keep serving what is loaded; say why
             log.error("models: cannot load the new champions (%s); still serving %s",
                       describe(exc), ", ".join(self.analyzer.refs or ()))
@@ -281,7 +288,8 @@ class Pipeline:
             return
         try:
             analyzer = LungAnalyzer.from_entries(self.registry.entry_exact(setup.segmenter),
-                                                 self.registry.entry_exact(setup.tb), self.analyzer.device)
+                                                 self.registry.entry_exact(setup.tb), self.analyzer.device,
+                                                 **_runtime(self.settings))
         except Exception as exc:  # noqa: BLE001 - recorded on each job's shadow row instead
             log.error("models: cannot load the shadow %s (%s); each job records the error", setup.ref,
                       describe(exc))

@@ -135,3 +135,37 @@ def test_train_tb_folds_chooses_threshold_out_of_fold(fixture_dir, tmp_path, cap
 def test_train_tb_folds_refuses_bad_settings(fixture_dir, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
         main(["train", "tb", "--data", str(fixture_dir), "--device", "cpu", "--out", str(tmp_path / "o"), *extra])
+
+
+def test_train_tb_with_shifted_copies(fixture_dir, tmp_path):
+    """Shift augmentation: each training case gets shifted versions built from its raw image through the
+    segmenter and crop; the sidecar records the draws; settings are checked."""
+    seg = tmp_path / "seg"
+    assert main(["train", "segmentation", "--data", str(fixture_dir), "--epochs", "1", "--size", "64",
+                 "--batch-size", "4", "--device", "cpu", "--out", str(seg)]) == 0
+    segmenter = registry.load("lung-unet", "cpu", seg)
+    cases = tb.mix.read_split(fixture_dir, "train")
+    plain, _ = tb._inputs(cases, segmenter, 64, torch.device("cpu"), 48)
+    shifted, drawn = tb.shifted_inputs(cases, segmenter, 64, torch.device("cpu"), 48, ("invert", "crop"), 2, seed=5)
+    assert shifted.shape == (6, 2, 2, 48, 48) and all(len(d) == 2 and set(d) <= {"invert", "crop"} for d in drawn)
+    again, drawn_again = tb.shifted_inputs(cases, segmenter, 64, torch.device("cpu"), 48, ("invert", "crop"), 2, seed=5)
+    assert drawn == drawn_again and np.array_equal(shifted, again)  # seeded
+    for i, names in enumerate(drawn):
+        for c, name in enumerate(names):
+            if name == "invert":  # the image channel is the inverted radiograph: anti-correlated with the plain one
+                a, b = plain[i, 0].ravel(), shifted[i, c, 0].ravel()
+                assert np.corrcoef(a, b)[0, 1] < 0
+    out = tmp_path / "tb"
+    assert main(["train", "tb", "--data", str(fixture_dir), "--epochs", "1", "--size", "48", "--batch-size", "3",
+                 "--device", "cpu", "--out", str(out), "--segmenter-dir", str(seg), "--shift-copies", "2",
+                 "--shifts", "invert,crop", "--p-shift", "1"]) == 0
+    meta = json.loads((out / "tb-scorer.json").read_text())
+    assert meta["training"]["config"]["shift_copies"] == 2 and meta["training"]["config"]["p_shift"] == 1.0
+    assert sum(meta["training"]["shift_copies_drawn"].values()) == 12
+    assert "--shift-copies 2" in meta["training"]["command"]
+    registry.clear_cache()
+    with pytest.raises(SystemExit, match="unknown acquisition shift"):
+        main(["train", "tb", "--data", str(fixture_dir), "--device", "cpu", "--out", str(tmp_path / "x"),
+              "--shift-copies", "1", "--shifts", "sepia"])
+    with pytest.raises(SystemExit, match="need --shift-copies"):
+        main(["train", "tb", "--data", str(fixture_dir), "--device", "cpu", "--out", str(tmp_path / "y"), "--p-shift", "0.3"])
