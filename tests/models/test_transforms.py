@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from models import metrics, transforms
 from models.components import fill_holes, label_components
@@ -161,3 +163,230 @@ def test_tb_input_shape_and_channels():
     x = transforms.tb_input(img, _two_lungs(64, 64).astype(np.float32), 48)
     assert x.shape == (2, 48, 48) and x.dtype == np.float32
     assert 0.0 <= x.min() and x.max() <= 1.0 and x[1].mean() > 0.3  # crop is mostly lung
+
+
+# --------------------------------------------------------------------------- pruning (issue 9)
+# Synthetic lungs at network size (256): ellipses or polygons about the size of real lungs there
+# (~8,000 px, so the opening radius is 6 px). The image's right lung is the patient's left.
+
+_N = 256
+
+
+def _ellipse(r, c, rr, rc):
+    from skimage.draw import ellipse
+
+    m = np.zeros((_N, _N), bool)
+    m[ellipse(r, c, rr, rc, shape=m.shape)] = True
+    return m
+
+
+def _disk(r, c, radius):
+    from skimage.draw import disk
+
+    m = np.zeros((_N, _N), bool)
+    m[disk((r, c), radius, shape=m.shape)] = True
+    return m
+
+
+def _box(r0, r1, c0, c1):
+    m = np.zeros((_N, _N), bool)
+    m[r0:r1, c0:c1] = True
+    return m
+
+
+def _polygon(points):
+    from skimage.draw import polygon
+
+    m = np.zeros((_N, _N), bool)
+    p = np.array(points)
+    m[polygon(p[:, 0], p[:, 1], shape=m.shape)] = True
+    return transforms.keep_largest(m, 1)[0]  # no stray raster pixel at a sharp tip
+
+
+def _lung_pair():
+    return _ellipse(128, 72, 80, 34), _ellipse(128, 184, 80, 34)  # image left, image right
+
+
+def _band(m, px=1):
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(m, iterations=px)
+
+
+def test_prune_removes_gastric_bubble_on_a_narrow_neck():
+    left, right = _lung_pair()
+    bubble = _disk(230, 190, 14)  # under the patient's left lung (image right)
+    neck = _box(195, 222, 188, 193)  # 5 px wide, through the hemidiaphragm
+    m = left | right | bubble | neck
+    r = transforms.split_lungs(m)
+    assert not r.lung[bubble].any(), "the bubble is not lung"
+    assert not (r.lung & neck & ~_band(right)).any(), "nor is its neck"
+    assert not ((r.lung ^ m) & ~_band(bubble | neck)).any(), "the lungs keep their edge everywhere else"
+    assert np.array_equal(r.image_left, left) and not (right & ~r.image_right).any()
+    # the node's path (full size) and the TB crop get the same lungs
+    full = transforms.probabilities_to_masks(m.astype(np.float32), (512, 512))
+    assert not full.lung[upscale_nearest(bubble, (512, 512))].any()
+    img = np.random.default_rng(0).random((_N, _N)).astype(np.float32)
+    np.testing.assert_array_equal(transforms.tb_input(img, m.astype(np.float32), 64),
+                                  transforms.tb_input(img, r.lung.astype(np.float32), 64))
+    assert transforms.lung_bbox(r.lung)[1] < transforms.lung_bbox(m)[1], "the crop no longer reaches into the stomach"
+
+
+def test_prune_keeps_a_bubble_on_a_wide_connection():
+    left, right = _lung_pair()
+    m = left | right | _disk(230, 190, 14) | _box(195, 231, 178, 202)  # 24 px wide: a real lung base
+    r = transforms.split_lungs(m)
+    assert np.array_equal(r.lung, m)
+
+
+def test_prune_removes_a_thin_spur_outside_the_ribcage():
+    left, right = _lung_pair()
+    spur = _box(99, 102, 10, 60)  # 3 px wide, reaching 28 px out of the image-left lung's side
+    m = left | right | spur
+    r = transforms.split_lungs(m)
+    assert not (r.lung & spur & ~_band(left)).any()
+    assert not ((r.lung ^ m) & ~_band(spur)).any()
+    assert np.array_equal(r.image_right, right)
+    # a short bump (reaching 10 px, under two radii) at the hilum is kept; the same, longer, is not
+    bump = right | _box(98, 103, 143, 154)
+    assert np.array_equal(transforms.prune_lung(bump), bump)
+    long_bump = _box(98, 103, 128, 154)
+    assert not (transforms.prune_lung(right | long_bump) & long_bump & ~_band(right)).any()
+
+
+def test_prune_removes_a_thin_bridge_between_the_lungs():
+    left, right = _lung_pair()
+    bridge = _box(59, 62, 90, 170)  # across the mediastinum: one component, split at the midline
+    m = left | right | bridge
+    r = transforms.split_lungs(m)
+    assert not (r.lung & bridge & ~_band(left | right)).any()
+    assert not ((r.lung ^ m) & ~_band(bridge)).any()
+
+
+def test_disconnected_blob_is_removed():
+    left, right = _lung_pair()
+    blob = _disk(235, 128, 6)
+    r = transforms.split_lungs(left | right | blob)
+    assert not r.lung[blob].any()
+    assert np.array_equal(r.lung, left | right)
+
+
+def _lungs_with_sharp_angles():
+    # image-left lung: apex, medial border, dome, sharp lateral costophrenic angle (~30 deg) at (228, 30)
+    left = _polygon([(40, 80), (50, 100), (200, 108), (180, 62), (228, 30), (70, 44)])
+    return left, left[:, ::-1].copy()
+
+
+def test_prune_keeps_sharp_costophrenic_angles():
+    from scipy import ndimage
+    from skimage.morphology import disk
+
+    left, right = _lungs_with_sharp_angles()
+    m = left | right
+    r = transforms.split_lungs(m)
+    assert np.array_equal(r.lung, m) and np.array_equal(r.image_left, left)
+    # meaningful: the opening that finds the body does cut the tips off; the tips come back
+    radius = max(transforms.MIN_NECK_RADIUS, round(transforms.NECK_RADIUS_SHARE * float(np.sqrt(left.sum()))))
+    opened = ndimage.binary_opening(left, structure=disk(radius, strict_radius=False))
+    tip = left & (np.arange(_N)[:, None] >= 215)
+    assert tip.any() and not (opened & tip).any()
+    assert r.lung[tip].all()
+
+
+def test_prune_does_not_cut_a_lung_with_a_large_concavity(monkeypatch):
+    left, _ = _lungs_with_sharp_angles()
+    # a big effusion meniscus: the base bitten away, a thin lateral tongue left down to the angle
+    effusion = transforms.keep_largest(left & ~_disk(215, 80, 45), 1)[0]
+    assert effusion[215:225, 28:40].any()
+    r = transforms.split_lungs(effusion)
+    assert np.array_equal(r.lung, effusion)
+    # a tongue 3 px wide down the chest wall, below the lung's lower edge: kept like an angle
+    _, right = _lung_pair()
+    tongue = right | _box(160, 216, 213, 216)
+    assert np.array_equal(transforms.prune_lung(tongue), tongue)
+    # a lower part hanging below the upper lung on a narrow neck, but more than the guard share
+    upper, lower = _ellipse(100, 190, 60, 30), _ellipse(195, 195, 25, 28)
+    hourglass = upper | lower | _box(155, 175, 166, 172)
+    assert (lower & ~upper).sum() > transforms.MAX_PRUNED_SHARE * hourglass.sum()
+    assert np.array_equal(transforms.prune_lung(hourglass), hourglass)
+    monkeypatch.setattr(transforms, "MAX_PRUNED_SHARE", 0.5)  # it is the guard that keeps it
+    assert not transforms.prune_lung(hourglass)[lower & ~upper].any()
+
+
+def test_prune_keeps_a_lung_that_merely_narrows(monkeypatch):
+    _, right = _lung_pair()
+    strip = _box(150, 201, 150, 166)  # the lung along the heart, wider than the disk
+    blob = _box(213, 233, 148, 168)  # 20 px wide, below it
+    narrowing = right | strip | _box(201, 213, 153, 164) | blob  # 11 px: wider than half the blob
+    assert np.array_equal(transforms.prune_lung(narrowing), narrowing)
+    monkeypatch.setattr(transforms, "NECK_CONTRAST", 1.0)  # it is the neck contrast that keeps it
+    assert not transforms.prune_lung(narrowing)[blob].any()
+    monkeypatch.undo()
+    neck = right | strip | _box(201, 213, 156, 161) | blob  # 5 px: a neck
+    out = transforms.prune_lung(neck)
+    assert not out[blob].any() and not ((out ^ neck) & ~_box(200, 233, 0, _N)).any()
+
+
+def test_prune_empty_and_one_lung():
+    r = transforms.split_lungs(np.zeros((_N, _N), bool))
+    assert not r.lung.any() and not r.image_left.any() and not r.image_right.any()
+    assert not transforms.prune_lung(np.zeros((_N, _N), bool)).any()
+    _, right = _lung_pair()
+    bubble = _disk(230, 190, 14)
+    r = transforms.split_lungs(right | bubble | _box(195, 222, 188, 193))
+    assert not r.image_left.any() and not r.lung[bubble].any()
+    assert not (right & ~r.image_right).any() and not (r.image_right & ~_band(right)).any()
+    tiny = _box(10, 13, 10, 13)  # thinner than the disk everywhere: left alone
+    assert np.array_equal(transforms.prune_lung(tiny), tiny)
+
+
+@pytest.mark.parametrize("radius", [2, 3, 5, 6, 9])
+def test_opening_is_the_library_opening_with_a_disk(real_masks, radius):
+    from scipy import ndimage
+    from skimage.morphology import disk
+
+    rng = np.random.default_rng(radius)
+    masks = [transforms.mask_to_network(m, _N) >= 0.5 for m in real_masks]
+    masks += [ndimage.binary_opening(rng.random((80, 90)) < 0.6) for _ in range(5)]
+    masks.append(_lung_pair()[1] | _box(195, 222, 188, 193) | _disk(230, 190, 14))
+    for m in masks:
+        box = np.pad(m, radius + 2)
+        expected = ndimage.binary_opening(box, structure=disk(radius, strict_radius=False))
+        assert np.array_equal(transforms._open_with_disk(ndimage.distance_transform_edt(box), radius), expected)
+
+
+def test_prune_rejects_bad_input():
+    with pytest.raises(ValueError):
+        transforms.prune_lung(np.ones((4, 4, 4), bool))
+    with pytest.raises(ValueError):
+        transforms.split_lungs(np.ones(16, bool))
+
+
+def test_prune_leaves_real_reference_lungs_alone(real_masks):
+    for m in real_masks:
+        small = transforms.mask_to_network(m, _N) >= transforms.MASK_THRESHOLD
+        for side in transforms.keep_largest(small, 2):
+            assert np.array_equal(transforms.prune_lung(side), side)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_prune_is_a_subset_and_keeps_the_guard_share(seed):
+    rng = np.random.default_rng(seed)
+    m = np.zeros((_N, _N), bool)
+    for _ in range(rng.integers(1, 4)):  # lung-sized blobs
+        m |= _ellipse(rng.integers(60, 200), rng.integers(40, 216), rng.integers(30, 90), rng.integers(15, 40))
+    for _ in range(rng.integers(0, 4)):  # bubbles, spurs and bridges
+        r0, c0 = rng.integers(0, _N - 10, size=2)
+        if rng.random() < 0.5:
+            m |= _disk(r0, c0, rng.integers(3, 20))
+        else:
+            m |= _box(r0, r0 + rng.integers(1, 6), c0, c0 + rng.integers(5, 80))
+    for side in transforms.keep_largest(m, 2):
+        side = fill_holes(side)
+        out = transforms.prune_lung(side)
+        assert not (out & ~side).any()
+        assert out.sum() >= (1 - transforms.MAX_PRUNED_SHARE) * side.sum()
+    r = transforms.split_lungs(m)
+    assert not (r.lung & ~fill_holes(m)).any()
+    assert not (r.image_left & r.image_right).any()
