@@ -195,15 +195,12 @@ def _train_segmentation(args: argparse.Namespace) -> int:
 
 def _train_tb(args: argparse.Namespace) -> int:
     _check_data(args.data)
-    if args.folds:
-        if args.folds < 2:
-            raise _fail(f"--folds {args.folds}: cross-fitting needs at least 2 folds")
-        if args.init:
+    if args.folds:  # one member per fold; TBConfig's check_folds refuses other fold settings
+        if args.init:  # before _Plan, which would first complain about the initial weights' member count
             raise _fail("--folds cannot start from --init weights: they have seen every training case, "
                         "so no score would be out of fold")
-        if args.members is not None and args.members != args.folds:
-            raise _fail(f"--folds {args.folds} trains one member per fold; leave out --members or give {args.folds}")
-        args.members = args.folds
+        if args.members is None:
+            args.members = args.folds
     plan = _Plan(args, "tb")
     from models.training.tb import TBConfig, train
 
