@@ -15,7 +15,13 @@ import pytest
 
 from models import registry
 from tests.dicom_factory import make_dx, new_instance
-from tests.models.catalog_helpers import clone_version, small_reference_set
+from tests.models.catalog_helpers import (
+    clone_version,
+    later_version,
+    shipped_ref,
+    shipped_version,
+    small_reference_set,
+)
 from tests.servers import (
     NodeProcess,
     Orthanc,
@@ -31,6 +37,12 @@ REPO = Path(__file__).resolve().parents[2]
 IMAGE = REPO / "tests" / "data" / "MCUCXR_0017_0.png"
 RESULT_TIMEOUT_S = 240
 SHA = registry.read_meta("lung-unet")["sha256"]
+UNET, TB = shipped_ref("lung-unet"), shipped_ref("tb-scorer")
+
+
+def sr_versions(*versions: str) -> str:
+    """The SR's algorithm versions as :func:`send_radiograph` gives them: distinct, sorted, joined."""
+    return ",".join(sorted(set(versions)))
 
 
 def results_in_pacs(orthanc: Orthanc, study_uid: str) -> tuple[hd.seg.Segmentation, pydicom.Dataset]:
@@ -51,34 +63,35 @@ def send_radiograph(node: NodeProcess, orthanc: Orthanc, tmp_path: Path, name: s
     assert algorithm.AlgorithmName == "cxrnode-lung-unet"
     assert algorithm.AlgorithmParameters == f"weights_sha256={SHA}"
     assert f"weights_sha256={SHA}" in {i.TextValue for i in find_items(sr, "111002")}
-    return str(algorithm.AlgorithmVersion), ",".join(sorted({i.TextValue for i in find_items(sr, "111003")}))
+    return str(algorithm.AlgorithmVersion), sr_versions(*(i.TextValue for i in find_items(sr, "111003")))
 
 
 def test_promote_and_roll_back_while_the_node_serves(tmp_path: Path) -> None:
     with orthanc_and_node(tmp_path) as (orthanc, node):
-        assert send_radiograph(node, orthanc, tmp_path, "before") == ("1.0.0", "1.0.0")
+        shipped, tb = shipped_version("lung-unet"), shipped_version("tb-scorer")
+        assert send_radiograph(node, orthanc, tmp_path, "before") == (shipped, sr_versions(shipped, tb))
 
         # a retrained model arrives (here: the shipped weights under a new version) and passes the gate
-        run = clone_version("lung-unet", "1.0.1", tmp_path / "run")
+        retrained = later_version("lung-unet")
+        run = clone_version("lung-unet", retrained, tmp_path / "run")
         registered = node.cli("models", "register", str(run), "lung-unet")
         assert registered.returncode == 0, registered.stderr
         reference = small_reference_set(tmp_path / "reference")  # 4 fixture cases: the gate's reference set
-        promoted = node.cli("models", "promote", "lung-unet@1.0.1", "--data", str(reference), "--device", "cpu",
+        promoted = node.cli("models", "promote", f"lung-unet@{retrained}", "--data", str(reference), "--device", "cpu",
                             "--why", "e2e: retrained", "--by", "e2e")
         assert promoted.returncode == 0, promoted.stdout + promoted.stderr
         assert "gate: passed" in promoted.stdout
-        assert "segmenter: now lung-unet@1.0.1 (was lung-unet@1.0.0)" in promoted.stdout
+        assert f"segmenter: now lung-unet@{retrained} (was {UNET})" in promoted.stdout
 
-        assert send_radiograph(node, orthanc, tmp_path, "promoted") == ("1.0.1", "1.0.0,1.0.1")
-        assert b"models: now lung-unet@1.0.1 (was lung-unet@1.0.0)" in node.log_bytes()
+        assert send_radiograph(node, orthanc, tmp_path, "promoted") == (retrained, sr_versions(retrained, tb))
+        assert f"models: now lung-unet@{retrained} (was {UNET})".encode() in node.log_bytes()
         listed = node.cli("models", "list", "--json")
-        assert {e["ref"] for e in json.loads(listed.stdout) if e["in_service"]} == {"lung-unet@1.0.1",
-                                                                                  "tb-scorer@1.0.0"}
+        assert {e["ref"] for e in json.loads(listed.stdout) if e["in_service"]} == {f"lung-unet@{retrained}", TB}
 
         rolled = node.cli("models", "rollback", "segmenter", "--why", "e2e: back", "--by", "e2e")
         assert rolled.returncode == 0, rolled.stderr
-        assert send_radiograph(node, orthanc, tmp_path, "rolled-back") == ("1.0.0", "1.0.0")
-        assert b"models: now lung-unet@1.0.0 (was lung-unet@1.0.1)" in node.log_bytes()
+        assert send_radiograph(node, orthanc, tmp_path, "rolled-back") == (shipped, sr_versions(shipped, tb))
+        assert f"models: now {UNET} (was lung-unet@{retrained})".encode() in node.log_bytes()
 
         def all_done() -> bool:
             jobs = json.loads(node.cli("jobs", "list", "--json").stdout)

@@ -40,7 +40,12 @@ from node.dataset.export import to_export_grid
 from tests.deid_scan import assert_no_identifiers, identifiers
 from tests.dicom_factory import make_dx, new_instance
 from tests.e2e.test_dataset_export import corrected_seg, node_lungs, upload
-from tests.models.catalog_helpers import degraded_segmenter, small_reference_set
+from tests.models.catalog_helpers import (
+    degraded_segmenter,
+    shipped_ref,
+    shipped_version,
+    small_reference_set,
+)
 from tests.servers import (
     REPO,
     NodeProcess,
@@ -56,6 +61,7 @@ pytestmark = pytest.mark.e2e
 FIXTURE = REPO / "tests" / "models" / "fixtures"
 RESULT_TIMEOUT_S = 240
 SHIPPED_SHA = registry.read_meta("lung-unet")["sha256"]
+UNET, UNET_VERSION, TB_VERSION = shipped_ref("lung-unet"), shipped_version("lung-unet"), shipped_version("tb-scorer")
 #: (fixture image, patient): the four radiographs that go in first, each a patient of its own; the
 #: first two get a radiologist-corrected SEG.
 PATIENTS = [("MCUCXR_0017_0", "MRN-90311", "Wisniewska^Jadwiga^Teodora", "19510214", "ACC7730011"),
@@ -140,7 +146,7 @@ def test_export_finetune_gate_promote_serve_rollback(pacs_and_node, tmp_path: Pa
     for ds in sources:
         seg_bytes = results_in_pacs(orthanc, ds.StudyInstanceUID)[0]
         own[ds.SOPInstanceUID] = node_lungs(seg_bytes, ds.SOPInstanceUID)
-        assert segmenter_named(orthanc, ds)[:2] == ("1.0.0", SHIPPED_SHA)
+        assert segmenter_named(orthanc, ds)[:2] == (UNET_VERSION, SHIPPED_SHA)
 
     def all_done() -> bool:
         jobs = {j["sop_instance_uid"]: j["status"] for j in json.loads(cli(node, "jobs", "list", "--json").stdout)}
@@ -194,8 +200,8 @@ def test_export_finetune_gate_promote_serve_rollback(pacs_and_node, tmp_path: Pa
     assert trained.returncode == 0, trained.stderr[-2000:]
     run = json.loads(trained.stdout)
     tuned = run["registered"]["ref"]
-    assert re.fullmatch(r"lung-unet@1\.0\.0\+ft\.\d{12}", tuned), tuned
-    assert run["init"]["ref"] == "lung-unet@1.0.0" and run["sha256"] != SHIPPED_SHA
+    assert re.fullmatch(rf"lung-unet@{re.escape(UNET_VERSION)}\+ft\.\d{{12}}", tuned), tuned
+    assert run["init"]["ref"] == UNET and run["sha256"] != SHIPPED_SHA
     assert Path(run["registered"]["registry"]) == node.data_dir / "models"
     assert run["data"]["extra"]["train"]["by_label_source"] == {"manual": 2, "pseudo": 2}
     base_val = (run["metrics"]["initial_weights_per_source"]["base"]["dice"], run["metrics"]["per_source"]["base"]["dice"])
@@ -203,16 +209,16 @@ def test_export_finetune_gate_promote_serve_rollback(pacs_and_node, tmp_path: Pa
                             "extra_train_by_label_source": run["data"]["extra"]["train"]["by_label_source"]}
 
     listed = {e["ref"]: e for e in json.loads(cli(node, "models", "list", "--json").stdout)}
-    assert not listed[tuned]["in_service"] and listed["lung-unet@1.0.0"]["in_service"]
+    assert not listed[tuned]["in_service"] and listed[UNET]["in_service"]
     shown = json.loads(cli(node, "models", "show", tuned, "--json").stdout)
-    assert "lung-unet@1.0.0" in shown["card"] and shown["data_summary"]["extra"]["folder"] == str(export_dir.resolve())
+    assert UNET in shown["card"] and shown["data_summary"]["extra"]["folder"] == str(export_dir.resolve())
 
     # 5. compare on a fixed reference set (four fixture cases with masks and TB labels of both classes)
     reference = small_reference_set(tmp_path / "reference")
     compared = cli(node, "models", "compare", tuned, "--data", str(reference), "--device", "cpu", "--json")
     assert compared.returncode == 0, compared.stderr[-2000:]
     report = json.loads(compared.stdout)
-    assert report["against"]["ref"] == "lung-unet@1.0.0" and report["challenger"]["ref"] == tuned
+    assert report["against"]["ref"] == UNET and report["challenger"]["ref"] == tuned
     assert (report["data"]["n_cases"], report["data"]["n_masks"], report["data"]["n_labelled"]) == (4, 4, 4)
     assert [m["metric"] for m in report["metrics"]] == ["lung_dice", "tb_auc", "sensitivity", "specificity"]
     for m in report["metrics"]:
@@ -229,7 +235,7 @@ def test_export_finetune_gate_promote_serve_rollback(pacs_and_node, tmp_path: Pa
     refused = cli(node, "models", "promote", "lung-unet@1.0.1-degraded", "--data", str(reference), "--device", "cpu",
                   "--why", "e2e: degraded", "--by", "e2e")
     assert refused.returncode == 1, refused.stdout + refused.stderr
-    assert "refused: lung-unet@1.0.1-degraded is worse than lung-unet@1.0.0" in refused.stderr
+    assert f"refused: lung-unet@1.0.1-degraded is worse than {UNET}" in refused.stderr
     assert "lung Dice" in refused.stderr.split("beyond the margin on", 1)[1]
     degraded_table = [line for line in refused.stdout.splitlines() if line.startswith(("lung Dice", "TB AUC",
                                                                                       "sensitivity", "specificity"))]
@@ -240,11 +246,11 @@ def test_export_finetune_gate_promote_serve_rollback(pacs_and_node, tmp_path: Pa
                    "--why", "e2e: site fine-tune", "--by", "e2e")
     assert promoted.returncode == 0, promoted.stdout + promoted.stderr
     assert "gate: passed" in promoted.stdout and "FORCED" not in promoted.stdout
-    assert f"segmenter: now {tuned} (was lung-unet@1.0.0)" in promoted.stdout
+    assert f"segmenter: now {tuned} (was {UNET})" in promoted.stdout
     history = json.loads(cli(node, "models", "history", "--slot", "segmenter", "--json").stdout)
     last = history[-1]
     assert (last["action"], last["from"], last["to"], last["by"], last["why"], last["forced"]) == (
-        "promote", "lung-unet@1.0.0", tuned, "e2e", "e2e: site fine-tune", False)
+        "promote", UNET, tuned, "e2e", "e2e: site fine-tune", False)
     assert last["gate"]["passed"] is True and last["gate"]["failed"] == [] and "cases" not in last["gate"]
     assert [m["difference"] for m in last["gate"]["metrics"]] == [m["difference"] for m in report["metrics"]]
     assert not [r for r in history if r.get("to") == "lung-unet@1.0.1-degraded"]  # the refusal changed nothing
@@ -257,25 +263,25 @@ def test_export_finetune_gate_promote_serve_rollback(pacs_and_node, tmp_path: Pa
     version, sha, sr_versions = segmenter_named(orthanc, after)
     assert (version, sha) == (tuned.split("@")[1], run["sha256"])
     assert version in sr_versions.split(",")
-    assert f"models: now {tuned} (was lung-unet@1.0.0)".encode() in node.log_bytes()
+    assert f"models: now {tuned} (was {UNET})".encode() in node.log_bytes()
 
     # 9. rollback: the previous segmenter is back for the radiograph after that
     rolled = cli(node, "models", "rollback", "segmenter", "--why", "e2e: back to the shipped model", "--by", "e2e")
     assert rolled.returncode == 0, rolled.stderr
-    assert f"segmenter: now lung-unet@1.0.0 (was {tuned})" in rolled.stdout
+    assert f"segmenter: now {UNET} (was {tuned})" in rolled.stdout
     again = radiograph("CHNCXR_0065_0", "MRN-90366", "Pawlowska^Genowefa^Apolonia", "19880428", "ACC7730066")
     send(node, orthanc, tmp_path, again)
-    assert segmenter_named(orthanc, again) == ("1.0.0", SHIPPED_SHA, "1.0.0")
-    assert f"models: now lung-unet@1.0.0 (was {tuned})".encode() in node.log_bytes()
+    assert segmenter_named(orthanc, again) == (UNET_VERSION, SHIPPED_SHA, ",".join(sorted({UNET_VERSION, TB_VERSION})))
+    assert f"models: now {UNET} (was {tuned})".encode() in node.log_bytes()
     jobs = json.loads(cli(node, "jobs", "list", "--json").stdout)
     assert len(jobs) == 6 and {j["status"] for j in jobs} == {"done"}  # no job lost to a switch
-    figures["served"] = {"after_promotion": version, "after_rollback": "1.0.0"}
+    figures["served"] = {"after_promotion": version, "after_rollback": UNET_VERSION}
     figures["seconds"] = round(time.monotonic() - started, 1)
 
     print("\nretraining loop:")
     for key, value in figures.items():
         print(f"  {key}: {json.dumps(value)}")
-    print("compare table (fine-tuned vs lung-unet@1.0.0, 4 reference cases):")
+    print(f"compare table (fine-tuned vs {UNET}, 4 reference cases):")
     for m in report["metrics"]:
         print(f"  {m['label']:<12} {m['against']:.4f} -> {m['challenger']:.4f}  diff {m['difference']:+.4f}  "
               f"95% CI [{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]  {m['verdict']}")

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 
 from tests.dicom_factory import make_dx, new_instance
-from tests.models.catalog_helpers import degraded_segmenter
+from tests.models.catalog_helpers import degraded_segmenter, shipped_version
 from tests.servers import (
     c_store,
     orthanc_and_node,
@@ -67,6 +67,6 @@ def test_a_shadow_set_while_the_node_serves_is_recorded_and_never_sent(tmp_path:
         (seg_series,), (sr_series,) = orthanc.series_of_study(study, "SEG"), orthanc.series_of_study(study, "SR")
         (seg,), (sr,) = orthanc.instance_files(seg_series), orthanc.instance_files(sr_series)  # exactly one each
         algorithm = hd.seg.segread(io.BytesIO(seg)).get_segment_description(1).algorithm_identification[0]
-        assert algorithm.AlgorithmVersion == "1.0.0"  # the champion's, not the shadow's
+        assert algorithm.AlgorithmVersion == shipped_version("lung-unet")  # the champion's, not the shadow's
         assert b"1.0.1-degraded" not in sr and pydicom.dcmread(io.BytesIO(sr)).Modality == "SR"
         assert b"models: " in node.log_bytes() and f"{DEGRADED} runs in shadow".encode() in node.log_bytes()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,26 @@ from models import registry
 #: borders; mean Dice on the fixture drops by about 0.02 (four times the gate's margin) while the
 #: lungs are still found, and the TB scorer reading those lungs loses specificity too.
 DEGRADE_LOGIT_SHIFT = -2.5
+
+
+def shipped_version(stem: str) -> str:
+    """The version of the bundled ``stem`` as its sidecar (``models/weights/<stem>.json``) records it."""
+    return registry.read_meta(stem)["version"]
+
+
+def shipped_ref(stem: str) -> str:
+    """``<stem>@<version>`` of the bundled ``stem``: the ref a freshly seeded registry gives it."""
+    return f"{stem}@{shipped_version(stem)}"
+
+
+def later_version(stem: str, step: int = 1) -> str:
+    """``X.(Y+step).0`` from the bundled ``stem``'s ``X.Y.Z``: a version above the shipped one (as
+    :meth:`models.catalog.ModelRegistry.next_version` counts), so a clone under it is never the
+    shipped entry; steps 1, 2 ... give distinct versions."""
+    m = re.match(r"^(\d+)\.(\d+)\.(\d+)", shipped_version(stem))
+    if m is None or step < 1:
+        raise ValueError(f"no later version of {stem} {shipped_version(stem)!r} by {step}")
+    return f"{m[1]}.{int(m[2]) + step}.0"
 
 
 def clone_version(stem: str, version: str, out: Path, src: Path = registry.WEIGHTS_DIR) -> Path:

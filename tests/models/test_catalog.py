@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,11 +15,16 @@ import pytest
 from models import registry
 from models.catalog import ModelRegistry, RegistryError
 from models.inference import LungAnalyzer
-from tests.models.catalog_helpers import clone_version, degraded_segmenter
+from tests.models.catalog_helpers import (
+    clone_version,
+    degraded_segmenter,
+    later_version,
+    shipped_ref,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = {stem: registry.read_meta(stem) for stem in [*registry.SEGMENTER_FILES.values(), registry.TB_FILE]}
-UNET, RESUNET, TB = "lung-unet@1.0.0", "lung-resunet@1.0.0", "tb-scorer@1.0.0"
+UNET, RESUNET, TB = shipped_ref("lung-unet"), shipped_ref("lung-resunet"), shipped_ref("tb-scorer")
 
 
 @pytest.fixture()
@@ -46,8 +52,9 @@ def test_seeded_from_the_shipped_weights(reg: ModelRegistry) -> None:
         assert entry.card() == (REPO / "models" / "cards" / f"{entry.stem}.md").read_text()
         assert entry.data_summary()["n_train"] == meta["training"]["n_train"]
         entry.verify()
-    assert reg.entry(UNET).metrics()["val_dice_network_size"] == pytest.approx(0.96283806)
-    assert reg.entry(TB).metrics()["val_auc"] == pytest.approx(0.8927305)
+    assert reg.entry(UNET).metrics()["val_dice_network_size"] == pytest.approx(
+        SHIPPED["lung-unet"]["training"]["best_val_dice_network_size"])
+    assert reg.entry(TB).metrics()["val_auc"] == pytest.approx(SHIPPED["tb-scorer"]["training"]["val_auc"])
     seeds = reg.history()
     assert [(r["action"], r["slot"], r["from"], r["to"]) for r in seeds] == [
         ("seed", "segmenter", None, UNET), ("seed", "tb", None, TB)]
@@ -69,7 +76,7 @@ def test_worker_architecture_only_chooses_the_first_champion(tmp_path: Path) -> 
 def test_entry_lookup(reg: ModelRegistry) -> None:
     assert reg.entry("tb").ref == TB  # a unique prefix
     assert reg.entry("lung-res").ref == RESUNET
-    assert reg.entry("cxrnode-lung-unet@1.0.0").ref == UNET  # name@version
+    assert reg.entry(f"{SHIPPED['lung-unet']['name']}@{SHIPPED['lung-unet']['version']}").ref == UNET  # name@version
     assert reg.entry(SHIPPED["tb-scorer"]["sha256"][:10]).ref == TB  # sha256 prefix
     with pytest.raises(RegistryError, match="'lung' is ambiguous"):
         reg.entry("lung")
@@ -100,32 +107,34 @@ def test_two_processes_seeding_at_once_seed_once(tmp_path: Path) -> None:
 
 
 def test_register_copies_verifies_and_describes(reg: ModelRegistry, tmp_path: Path) -> None:
-    src = clone_version("lung-unet", "1.1.0", tmp_path / "run")
+    version = later_version("lung-unet")
+    src = clone_version("lung-unet", version, tmp_path / "run")
     entry = reg.register(src, "lung-unet", data_summary={"export": "e1", "n_train": 12},
                          metrics={"lung_dice_mean": 0.97, "tb_auc": float("nan")})
-    assert (entry.ref, entry.slot, entry.stem) == ("lung-unet@1.1.0", "segmenter", "lung-unet")
-    assert entry.identity.version == "1.1.0" and entry.identity.sha256 == SHIPPED["lung-unet"]["sha256"]
-    assert entry.folder == reg.root / "entries" / "lung-unet@1.1.0"
+    assert (entry.ref, entry.slot, entry.stem) == (f"lung-unet@{version}", "segmenter", "lung-unet")
+    assert entry.identity.version == version and entry.identity.sha256 == SHIPPED["lung-unet"]["sha256"]
+    assert entry.folder == reg.root / "entries" / f"lung-unet@{version}"
     assert (entry.folder / "lung-unet.json").read_bytes() == (src / "lung-unet.json").read_bytes()
     assert (entry.folder / "lung-unet.pt").read_bytes() == (src / "lung-unet.pt").read_bytes()
     assert entry.data_summary() == {"export": "e1", "n_train": 12}
     assert entry.metrics() == {"lung_dice_mean": 0.97, "tb_auc": None}  # strict JSON
     card = entry.card()
-    assert "cxrnode-lung-unet 1.1.0" in card and entry.identity.sha256 in card and '"export": "e1"' in card
+    assert f"cxrnode-lung-unet {version}" in card and entry.identity.sha256 in card and '"export": "e1"' in card
     assert reg.champion("segmenter").ref == UNET  # registered is not in service
-    assert reg.next_version("lung-unet") == "1.2.0" and reg.next_version("lung-vnet") == "1.0.0"
+    assert reg.next_version("lung-unet") == later_version("lung-unet", 2) and reg.next_version("lung-vnet") == "1.0.0"
     # the same bytes again: the same entry, untouched
     again = reg.register(src, "lung-unet", metrics={"other": 1})
     assert again.registered_at == entry.registered_at and again.metrics() == entry.metrics()
     # loadable through the same checksummed loader as the shipped weights
     analyzer = LungAnalyzer.from_entries(entry, reg.champion("tb"), "cpu")
-    assert analyzer.segmenter_identity == entry.identity and analyzer.refs == ("lung-unet@1.1.0", TB)
+    assert analyzer.segmenter_identity == entry.identity and analyzer.refs == (f"lung-unet@{version}", TB)
     with pytest.raises(ValueError, match="need a segmenter and a TB scorer"):
         LungAnalyzer.from_entries(reg.champion("tb"), entry, "cpu")
 
 
 def test_tampered_weights_are_refused(reg: ModelRegistry, tmp_path: Path) -> None:
-    src = clone_version("tb-scorer", "1.0.1", tmp_path / "run")
+    version = later_version("tb-scorer")  # not the shipped one: a clone that is not registered yet
+    src = clone_version("tb-scorer", version, tmp_path / "run")
     with (src / "tb-scorer.pt").open("r+b") as fh:
         fh.seek(5000)
         byte = fh.read(1)
@@ -133,17 +142,18 @@ def test_tampered_weights_are_refused(reg: ModelRegistry, tmp_path: Path) -> Non
         fh.write(bytes([byte[0] ^ 0x01]))
     with pytest.raises(RegistryError, match="refused: checksum mismatch"):
         reg.register(src, "tb-scorer")
-    assert "tb-scorer@1.0.1" not in {e.ref for e in reg.entries()}
-    assert not (reg.root / "entries" / "tb-scorer@1.0.1").exists()
+    assert f"tb-scorer@{version}" not in {e.ref for e in reg.entries()}
+    assert not (reg.root / "entries" / f"tb-scorer@{version}").exists()
     assert not list((reg.root / "entries").glob(".tmp-*"))
 
 
 def test_unlisted_and_unloadable_weights_are_refused(reg: ModelRegistry, tmp_path: Path) -> None:
-    src = clone_version("lung-unet", "2.0.0", tmp_path / "run")
+    version = later_version("lung-unet")  # not the shipped one: nothing registered under it yet
+    src = clone_version("lung-unet", version, tmp_path / "run")
     (src / "SHA256SUMS").unlink()
     with pytest.raises(RegistryError, match="not listed"):
         reg.register(src, "lung-unet")
-    src = clone_version("lung-unet", "2.0.0", tmp_path / "run2")
+    src = clone_version("lung-unet", version, tmp_path / "run2")
     meta = json.loads((src / "lung-unet.json").read_text())
     meta["arch"] = "resunet"  # the checksum still matches, the network does not
     (src / "lung-unet.json").write_text(json.dumps(meta))
@@ -155,15 +165,15 @@ def test_unlisted_and_unloadable_weights_are_refused(reg: ModelRegistry, tmp_pat
 
 
 def test_same_ref_with_other_bytes_is_refused(reg: ModelRegistry, tmp_path: Path) -> None:
-    degraded_segmenter(tmp_path / "run", version="1.0.0")  # lung-unet 1.0.0 again, other weights
-    with pytest.raises(RegistryError, match=r"lung-unet@1.0.0 is already registered with other weights"):
+    degraded_segmenter(tmp_path / "run", version=SHIPPED["lung-unet"]["version"])  # the shipped ref, other weights
+    with pytest.raises(RegistryError, match=re.escape(f"{UNET} is already registered with other weights")):
         reg.register(tmp_path / "run", "lung-unet")
     assert registry.sha256_file(reg.entry(UNET).weights_path) == SHIPPED["lung-unet"]["sha256"]
 
 
 def test_promote_rollback_and_history(reg: ModelRegistry, tmp_path: Path) -> None:
-    b = reg.register(clone_version("lung-unet", "1.1.0", tmp_path / "b"), "lung-unet").ref
-    c = reg.register(clone_version("lung-unet", "1.2.0", tmp_path / "c"), "lung-unet").ref
+    b = reg.register(clone_version("lung-unet", later_version("lung-unet"), tmp_path / "b"), "lung-unet").ref
+    c = reg.register(clone_version("lung-unet", later_version("lung-unet", 2), tmp_path / "c"), "lung-unet").ref
     tokens = [reg.state_token()]
     record = reg.promote(b, by="alice", why="retrained on site data")
     tokens.append(reg.state_token())
@@ -196,10 +206,11 @@ def test_promote_rollback_and_history(reg: ModelRegistry, tmp_path: Path) -> Non
 
 
 def test_promote_records_and_honours_the_gate_report(reg: ModelRegistry, tmp_path: Path) -> None:
-    b = reg.register(clone_version("tb-scorer", "1.1.0", tmp_path / "b"), "tb-scorer").ref
+    b = reg.register(clone_version("tb-scorer", later_version("tb-scorer"), tmp_path / "b"), "tb-scorer").ref
     failed = {"challenger": {"ref": b}, "against": {"ref": TB}, "passed": False, "failed": ["TB AUC"],
               "metrics": [{"metric": "tb_auc", "drop": 0.1, "margin": 0.02, "verdict": "fail"}]}
-    with pytest.raises(RegistryError, match="refused: tb-scorer@1.1.0 fails TB AUC against tb-scorer@1.0.0"):
+    with pytest.raises(RegistryError, match=re.escape(f"refused: tb-scorer@{later_version('tb-scorer')} fails TB AUC "
+                                                      f"against {TB}")):
         reg.promote(b, by="dan", why="try", gate=failed)
     assert reg.champion("tb").ref == TB and len(reg.history()) == 2
     with pytest.raises(RegistryError, match="compare again"):
@@ -210,7 +221,7 @@ def test_promote_records_and_honours_the_gate_report(reg: ModelRegistry, tmp_pat
 
 
 def test_promote_refuses_an_entry_whose_weights_changed(reg: ModelRegistry, tmp_path: Path) -> None:
-    entry = reg.register(clone_version("lung-resunet", "1.1.0", tmp_path / "b"), "lung-resunet")
+    entry = reg.register(clone_version("lung-resunet", later_version("lung-resunet"), tmp_path / "b"), "lung-resunet")
     entry.weights_path.chmod(0o600)
     with entry.weights_path.open("r+b") as fh:
         fh.seek(2000)
@@ -223,7 +234,8 @@ def test_promote_refuses_an_entry_whose_weights_changed(reg: ModelRegistry, tmp_
 def test_concurrent_promotions_from_two_processes_lose_nothing(reg: ModelRegistry, tmp_path: Path) -> None:
     """Each process promotes alternately between two versions of its own slot, 25 times, at once.
     Without the lock, read-modify-write of state.json would drop records (and champions)."""
-    reg.register(clone_version("tb-scorer", "1.1.0", tmp_path / "tb"), "tb-scorer")
+    challenger = f"tb-scorer@{later_version('tb-scorer')}"
+    reg.register(clone_version("tb-scorer", later_version("tb-scorer"), tmp_path / "tb"), "tb-scorer")
     go, rounds = tmp_path / "go", 25
     code = """
         import pathlib, sys, time
@@ -236,7 +248,7 @@ def test_concurrent_promotions_from_two_processes_lose_nothing(reg: ModelRegistr
             r.promote(refs[(i + 1) % 2], by={who!r}, why=f"round {{i}}")
     """
     procs = [run_python(code.format(go=str(go), root=str(reg.root), refs=refs, rounds=rounds, who=who))
-             for who, refs in (("seg-process", [UNET, RESUNET]), ("tb-process", [TB, "tb-scorer@1.1.0"]))]
+             for who, refs in (("seg-process", [UNET, RESUNET]), ("tb-process", [TB, challenger]))]
     go.touch()
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
@@ -247,6 +259,6 @@ def test_concurrent_promotions_from_two_processes_lose_nothing(reg: ModelRegistr
         assert [r["why"] for r in mine] == [f"round {i}" for i in range(rounds)]
         assert {r["slot"] for r in mine} == {slot}
         assert all(a["to"] == b["from"] for a, b in itertools.pairwise(mine))  # each saw the other's last write
-    assert reg.champion("segmenter").ref == RESUNET and reg.champion("tb").ref == "tb-scorer@1.1.0"
+    assert reg.champion("segmenter").ref == RESUNET and reg.champion("tb").ref == challenger
     state = json.loads((reg.root / "state.json").read_text())
     assert len(state["previous"]["segmenter"]) == rounds and len(state["previous"]["tb"]) == rounds

@@ -17,10 +17,14 @@ import torch
 from models import data, registry, transforms
 from models.__main__ import main
 from models.training import finetune, mix
+from tests.models.catalog_helpers import later_version, shipped_ref, shipped_version
 
 REPO = Path(__file__).resolve().parents[2]
 CITATIONS = ("doi:10.1109/TMI.2013.2284099", "doi:10.1109/TMI.2013.2290491", "Quant Imaging Med Surg",
              "doi:10.1109/ELNANO.2018.8477564", "CC BY-NC-SA 4.0")
+UNET, TB = shipped_ref("lung-unet"), shipped_ref("tb-scorer")
+#: the version a fine-tune of the shipped UNet gets: the shipped one with a ``+ft.<UTC minute>`` part
+UNET_FT_VERSION = re.escape(shipped_version("lung-unet")) + r"\+ft\.\d{12}"
 COLUMNS = ["case_id", "source", "image_path", "mask_path", "tb_label", "split", "label_source", "label_quality",
            "tb_label_source"]
 
@@ -96,7 +100,7 @@ def test_init_shipped_loads_the_shipped_weights_exactly(fixture_dir):
     x = torch.from_numpy(image)[None, None]
     for kind, stem in (("segmentation", "lung-unet"), ("tb", "tb-scorer")):
         init = finetune.resolve_init("shipped", kind)
-        assert (init.origin, init.stem, init.ref) == ("shipped", stem, f"{stem}@1.0.0")
+        assert (init.origin, init.stem, init.ref) == ("shipped", stem, shipped_ref(stem))
         net = finetune.build_initial(init).eval()
         shipped = registry.load(stem, "cpu").net
         assert net is not shipped  # a fresh copy: training never touches the node's cached network
@@ -149,13 +153,13 @@ def test_first_training_forward_pass_is_the_shipped_models(base_dir, tmp_path, m
     val = common_arrays(base_dir, "val")
     d = segmentation.dice_per_case(shipped, val, torch.device("cpu"))
     log = _log(out)
-    assert log[0]["epoch"] == 0 and log[0]["init"] == "lung-unet@1.0.0"
+    assert log[0]["epoch"] == 0 and log[0]["init"] == UNET
     assert log[0]["val_dice"] == pytest.approx(float(np.mean(d)), abs=1e-9)
     meta = json.loads((out / "lung-unet.json").read_text())
     assert meta["input_size"] == 256 and meta["training"]["init"]["sha256"] == registry.read_meta("lung-unet")["sha256"]
     # fine-tune defaults when not given: lr a tenth of scratch; the version names the run
     assert meta["training"]["config"]["lr"] == finetune.FINETUNE_LR["segmentation"]
-    assert re.fullmatch(r"1\.0\.0\+ft\.\d{12}", meta["version"])
+    assert re.fullmatch(UNET_FT_VERSION, meta["version"])
     assert "--init shipped" in meta["training"]["command"]
 
 
@@ -166,12 +170,12 @@ def common_arrays(folder: Path, split: str):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["segmentation", "--init", "lung-unet@1.0.0", "--arch", "resunet"], "--arch resunet does not match the initial weights lung-unet@1.0.0 (unet)"),
+    (["segmentation", "--init", UNET, "--arch", "resunet"], f"--arch resunet does not match the initial weights {UNET} (unet)"),
     (["segmentation", "--init", "{shipped_unet_json}", "--arch", "resunet"], "--arch resunet does not match"),
-    (["segmentation", "--init", "shipped", "--size", "128"], "--size 128 does not match the initial weights lung-unet@1.0.0 (256 px)"),
-    (["tb", "--init", "shipped", "--arch", "densenet121"], "--arch densenet121 does not match the initial weights tb-scorer@1.0.0"),
-    (["tb", "--init", "shipped", "--members", "2"], "--members 2 does not match the initial weights tb-scorer@1.0.0 (5 members)"),
-    (["segmentation", "--init", "tb-scorer@1.0.0"], "tb-scorer@1.0.0 is a tb model, not a segmentation model"),
+    (["segmentation", "--init", "shipped", "--size", "128"], f"--size 128 does not match the initial weights {UNET} (256 px)"),
+    (["tb", "--init", "shipped", "--arch", "densenet121"], f"--arch densenet121 does not match the initial weights {TB}"),
+    (["tb", "--init", "shipped", "--members", "2"], f"--members 2 does not match the initial weights {TB} (5 members)"),
+    (["segmentation", "--init", TB], f"{TB} is a tb model, not a segmentation model"),
     (["segmentation", "--init", "lung-nothing@9"], "no registered model 'lung-nothing@9'"),
     (["segmentation", "--init", "/no/such/weights"], "--init /no/such/weights: no such folder or file"),
 ])
@@ -243,7 +247,7 @@ def test_finetune_segmenter_with_extra_and_register(base_dir, extra_dir, tmp_pat
                  "--device", "cpu", "--out", str(out), "--register", "--registry", str(reg_dir), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     ref = summary["registered"]["ref"]
-    assert re.fullmatch(r"lung-unet@1\.0\.0\+ft\.\d{12}", ref)
+    assert re.fullmatch(rf"lung-unet@{UNET_FT_VERSION}", ref)
     # the proportion over each epoch: N = 2 base + 2 extra masked training cases, 3 of them extra
     log = _log(out)
     assert [r["epoch"] for r in log] == [0, 1, 2]
@@ -254,7 +258,7 @@ def test_finetune_segmenter_with_extra_and_register(base_dir, extra_dir, tmp_pat
     assert entry.slot == "segmenter" and entry.identity.sha256 == summary["sha256"] == registry.sha256_file(entry.weights_path)
     assert entry.meta["version"] == entry.identity.version == ref.split("@")[1]
     card = entry.card()
-    for needle in (*CITATIONS, "lung-unet@1.0.0", ref, "Research use only", "--init shipped", "--extra-fraction 0.75"):
+    for needle in (*CITATIONS, UNET, ref, "Research use only", "--init shipped", "--extra-fraction 0.75"):
         assert needle in card, needle
     d = entry.data_summary()
     assert d["base"]["folder"] == str(base_dir.resolve()) and d["extra"]["folder"] == str(extra_dir.resolve())
@@ -264,7 +268,7 @@ def test_finetune_segmenter_with_extra_and_register(base_dir, extra_dir, tmp_pat
     assert d["extra"]["train"]["used"] == 2 and d["extra"]["train"]["pseudo_masks_below_quality"] == 1
     assert d["extra"]["val"]["used"] == 2
     assert (d["extra"]["fraction"], d["extra"]["min_quality"], d["seed"]) == (0.75, 0.5, 20240611)
-    assert d["init"]["ref"] == "lung-unet@1.0.0" and d["init"]["origin"] == "shipped"
+    assert d["init"]["ref"] == UNET and d["init"]["origin"] == "shipped"
     m = entry.metrics()
     assert set(m["per_source"]) == {"base", "extra", "all"}
     assert m["per_source"]["base"]["n"] == 3 and m["per_source"]["extra"]["n"] == 2
@@ -282,28 +286,29 @@ def test_finetune_segmenter_with_extra_and_register(base_dir, extra_dir, tmp_pat
     truth = data.load_mask(base_dir / "masks" / "CHNCXR_0005_0.png")
     assert result.lung_mask.shape == image.shape and 0 <= result.tb_score <= 1
     assert 2 * (result.lung_mask & truth).sum() / (result.lung_mask.sum() + truth.sum()) > 0.8
-    assert analyzer.segmenter_identity.version == entry.identity.version and analyzer.refs == (ref, "tb-scorer@1.0.0")
-    assert reg.champion("segmenter").ref == "lung-unet@1.0.0"  # registered, not put in service
+    assert analyzer.segmenter_identity.version == entry.identity.version and analyzer.refs == (ref, TB)
+    assert reg.champion("segmenter").ref == UNET  # registered, not put in service
     # fine-tune the registered model again (a registry reference): a new version, and the card names its parent
     assert main(["train", "segmentation", "--data", str(base_dir), "--init", ref, "--epochs", "1", "--device", "cpu",
                  "--out", str(tmp_path / "run2"), "--register", "--registry", str(reg_dir)]) == 0
     printed = capsys.readouterr().out
     second = re.search(r"registered (lung-unet@\S+)", printed).group(1)
-    assert second != ref and second.split("@")[1].startswith("1.0.0+ft.")
+    assert second != ref and second.split("@")[1].startswith(f"{shipped_version('lung-unet')}+ft.")
     assert ref in reg.entry(second).card() and reg.entry(second).data_summary()["init"]["ref"] == ref
 
 
 def test_explicit_version_and_duplicates(base_dir, tmp_path):
     reg = finetune.open_registry(tmp_path / "reg")
-    assert finetune.unique_version(reg, "lung-unet", "1.0.0") == "1.0.0.2"  # the shipped 1.0.0 is registered
-    assert finetune.unique_version(reg, "lung-unet", "2.0.0") == "2.0.0"
+    shipped, unused = shipped_version("lung-unet"), later_version("lung-unet")
+    assert finetune.unique_version(reg, "lung-unet", shipped) == f"{shipped}.2"  # the shipped version is registered
+    assert finetune.unique_version(reg, "lung-unet", unused) == unused
     from datetime import UTC, datetime
 
     when = datetime(2024, 6, 11, 15, 30, tzinfo=UTC)
     assert finetune.finetune_version("1.0.0", when) == "1.0.0+ft.202406111530"
     assert finetune.finetune_version("1.0.0+ft.202401010000.2", when) == "1.0.0+ft.202406111530"
     for argv, message in (
-        (["--version", "1.0.0"], "lung-unet@1.0.0 is already registered: choose another --version"),
+        (["--version", shipped], f"{UNET} is already registered: choose another --version"),
         (["--version", "bad version"], "--version 'bad version': 1-64 letters"),
         (["--extra-fraction", "1.5", "--extra", str(base_dir)], "--extra-fraction must be in 0..1"),
     ):
@@ -329,7 +334,7 @@ def test_finetune_tb_with_extra_registers_via_node_settings(base_dir, extra_dir,
     entry = ModelRegistry(reg_dir).entry(summary["registered"]["ref"])
     entry.verify()
     assert entry.slot == "tb" and entry.meta["members"] == 5 and entry.meta["input_size"] == 224
-    assert entry.meta["training"]["command"].count("--init tb-scorer@1.0.0") == 1  # "champion" resolved to its ref
+    assert entry.meta["training"]["command"].count(f"--init {TB}") == 1  # "champion" resolved to its ref
     d = entry.data_summary()
     assert d["base"]["train"]["used"] == 3 and d["base"]["val"]["used"] == 3
     assert d["extra"]["train"]["used"] == 3  # X1, X3, X4; X2 has no TB label
@@ -346,7 +351,7 @@ def test_finetune_tb_with_extra_registers_via_node_settings(base_dir, extra_dir,
     log = _log(out)
     assert log[0]["epoch"] == 0 and [r["drawn"] for r in log[1:]] == [{"base": 4, "extra": 2}] * 5
     card = entry.card()
-    for needle in (*CITATIONS, "tb-scorer@1.0.0", "Research use only", "AUC"):
+    for needle in (*CITATIONS, TB, "Research use only", "AUC"):
         assert needle in card
 
 
@@ -360,7 +365,7 @@ def test_cli_finetune_register_subprocess(base_dir, extra_dir, tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    match = re.search(r"^registered (lung-unet@1\.0\.0\+ft\.\d{12}) in ", proc.stdout, re.MULTILINE)
+    match = re.search(rf"^registered (lung-unet@{UNET_FT_VERSION}) in ", proc.stdout, re.MULTILINE)
     assert match, proc.stdout
     from models.catalog import ModelRegistry
 

@@ -15,18 +15,23 @@ from models.gate import _Scores, compare, format_report, paired_bootstrap, summa
 from tests.models.catalog_helpers import (
     clone_version,
     degraded_segmenter,
+    later_version,
+    shipped_ref,
     small_reference_set,
 )
 
 DEGRADED = "lung-unet@1.0.1-degraded"
+UNET, TB = shipped_ref("lung-unet"), shipped_ref("tb-scorer")
+#: the shipped weights again under a version above the shipped one (``reg`` registers them)
+UNET_CLONE, TB_CLONE = f"lung-unet@{later_version('lung-unet')}", f"tb-scorer@{later_version('tb-scorer')}"
 
 
 @pytest.fixture(scope="module")
 def reg(tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
     root = tmp_path_factory.mktemp("gate")
     reg = ModelRegistry(root / "registry")
-    reg.register(clone_version("lung-unet", "1.1.0", root / "unet-clone"), "lung-unet")
-    reg.register(clone_version("tb-scorer", "1.1.0", root / "tb-clone"), "tb-scorer")
+    reg.register(clone_version("lung-unet", later_version("lung-unet"), root / "unet-clone"), "lung-unet")
+    reg.register(clone_version("tb-scorer", later_version("tb-scorer"), root / "tb-clone"), "tb-scorer")
     degraded_segmenter(root / "degraded")
     reg.register(root / "degraded", "lung-unet")
     return reg
@@ -87,9 +92,9 @@ def test_undefined_metrics_are_nan_not_zero() -> None:
 
 
 def test_the_same_weights_loaded_twice_differ_by_exactly_zero(reg: ModelRegistry, small: Path) -> None:
-    # lung-unet@1.1.0 holds the shipped bytes in another folder: loaded and run separately
-    report = compare(reg, "lung-unet@1.1.0", small, device="cpu", n_boot=500)
-    assert report["against"]["ref"] == "lung-unet@1.0.0" and report["challenger"]["tb"] == "tb-scorer@1.0.0"
+    # UNET_CLONE holds the shipped bytes in another folder: loaded and run separately
+    report = compare(reg, UNET_CLONE, small, device="cpu", n_boot=500)
+    assert report["against"]["ref"] == UNET and report["challenger"]["tb"] == TB
     assert [m["metric"] for m in report["metrics"]] == ["lung_dice", "tb_auc", "sensitivity", "specificity"]
     for m in report["metrics"]:
         assert m["difference"] == 0.0 and m["ci95"] == [0.0, 0.0] and m["verdict"] == "pass", m
@@ -104,13 +109,13 @@ def test_the_same_weights_loaded_twice_differ_by_exactly_zero(reg: ModelRegistry
 
 def test_a_tb_challenger_is_compared_on_tb_metrics_with_the_lungs_in_service(reg: ModelRegistry,
                                                                               small: Path) -> None:
-    report = compare(reg, "tb-scorer@1.1.0", small, device="cpu", n_boot=200)
+    report = compare(reg, TB_CLONE, small, device="cpu", n_boot=200)
     assert report["slot"] == "tb" and [m["metric"] for m in report["metrics"]] == ["tb_auc", "sensitivity",
                                                                                  "specificity"]
-    assert report["challenger"]["segmenter"] == report["against"]["segmenter"] == "lung-unet@1.0.0"
+    assert report["challenger"]["segmenter"] == report["against"]["segmenter"] == UNET
     assert all(m["difference"] == 0.0 for m in report["metrics"]) and report["passed"]
     with pytest.raises(RegistryError, match="compare models of one slot"):
-        compare(reg, "tb-scorer@1.1.0", small, against="lung-unet@1.0.0", device="cpu", n_boot=100)
+        compare(reg, TB_CLONE, small, against=UNET, device="cpu", n_boot=100)
 
 
 def test_a_degraded_segmenter_fails_on_dice(degraded_report: dict) -> None:
@@ -125,7 +130,7 @@ def test_a_degraded_segmenter_fails_on_dice(degraded_report: dict) -> None:
     masked = [c for c in r["cases"] if c["dice_against"] is not None]
     assert len(masked) == 4 and all(c["dice_challenger"] < c["dice_against"] for c in masked)
     # the TB scorer (the one in service on both sides) saw the degraded lungs
-    assert r["challenger"]["tb"] == r["against"]["tb"] == "tb-scorer@1.0.0"
+    assert r["challenger"]["tb"] == r["against"]["tb"] == TB
     assert any(c["score_challenger"] != c["score_against"] for c in r["cases"])
     text = format_report(r)
     assert "gate: FAILED on lung Dice" in text and DEGRADED in text
@@ -142,7 +147,7 @@ def test_a_metric_the_data_cannot_measure_does_not_pass(reg: ModelRegistry, fixt
         writer = csv.DictWriter(fh, fieldnames=list(cases[0]))
         writer.writeheader()
         writer.writerows([{**c, "mask_path": ""} for c in cases[:2]])  # one normal, one TB
-    report = compare(reg, "lung-unet@1.1.0", data, device="cpu", n_boot=100)
+    report = compare(reg, UNET_CLONE, data, device="cpu", n_boot=100)
     dice = report["metrics"][0]
     assert dice["verdict"] == "unmeasured" and dice["difference"] is None and dice["ci95"] == [None, None]
     assert report["failed"] == ["lung Dice"] and not report["passed"]

@@ -22,13 +22,19 @@ from node.http import metrics
 from node.settings import load_settings
 from node.worker.pipeline import Outcome, Pipeline
 from tests.dicom_factory import make_dx
-from tests.models.catalog_helpers import clone_version, degraded_segmenter
+from tests.models.catalog_helpers import (
+    clone_version,
+    degraded_segmenter,
+    later_version,
+    shipped_ref,
+)
 from tests.unit.test_results import find_items
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = REPO / "tests" / "data" / "MCUCXR_0017_0.png"
 SHIPPED_UNET = registry.read_meta("lung-unet")
 SHIPPED_TB = registry.read_meta("tb-scorer")
+UNET, TB = shipped_ref("lung-unet"), shipped_ref("tb-scorer")
 DEGRADED = "lung-unet@1.0.1-degraded"
 
 
@@ -64,11 +70,12 @@ def test_a_promotion_takes_effect_at_the_next_job_and_a_rollback_restores(
         settings, radiograph: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     pipeline = Pipeline.load(settings)
     reg = ModelRegistry(settings.models_registry_path)
-    assert reg.root == tmp_path / "var" / "models" and pipeline.analyzer.refs == ("lung-unet@1.0.0", "tb-scorer@1.0.0")
+    assert reg.root == tmp_path / "var" / "models" and pipeline.analyzer.refs == (UNET, TB)
 
     first = identities(pipeline.run(radiograph))
-    assert first["seg"] == ("cxrnode-lung-unet", "1.0.0", f"weights_sha256={SHIPPED_UNET['sha256']}")
-    assert first["sr_names"] == {"cxrnode-lung-unet", "cxrnode-tb-scorer"} and first["sr_versions"] == {"1.0.0"}
+    assert first["seg"] == ("cxrnode-lung-unet", SHIPPED_UNET["version"], f"weights_sha256={SHIPPED_UNET['sha256']}")
+    assert first["sr_names"] == {"cxrnode-lung-unet", "cxrnode-tb-scorer"}
+    assert first["sr_versions"] == {SHIPPED_UNET["version"], SHIPPED_TB["version"]}
     assert {f"weights_sha256={SHIPPED_UNET['sha256']}", f"weights_sha256={SHIPPED_TB['sha256']}"} <= first["sr_parameters"]
     assert pipeline.refresh() is False  # nothing changed: no reload
 
@@ -78,9 +85,9 @@ def test_a_promotion_takes_effect_at_the_next_job_and_a_rollback_restores(
     reg.promote(DEGRADED, by="test", why="promotion while serving", force=True)
     caplog.set_level(logging.INFO, logger="node.worker.pipeline")
     second = identities(pipeline.run(radiograph))
-    assert f"models: now {DEGRADED} (was lung-unet@1.0.0)" in caplog.messages
+    assert f"models: now {DEGRADED} (was {UNET})" in caplog.messages
     assert second["seg"] == ("cxrnode-lung-unet", "1.0.1-degraded", f"weights_sha256={meta['sha256']}")
-    assert second["sr_versions"] == {"1.0.1-degraded", "1.0.0"}  # new segmenter, same TB scorer
+    assert second["sr_versions"] == {"1.0.1-degraded", SHIPPED_TB["version"]}  # new segmenter, same TB scorer
     assert f"weights_sha256={meta['sha256']}" in second["sr_parameters"]
     assert second["seg_uid"] != first["seg_uid"]  # other algorithm, other result UIDs
     assert second["lung_pixels"] < first["lung_pixels"]  # it really is the other network
@@ -90,21 +97,21 @@ def test_a_promotion_takes_effect_at_the_next_job_and_a_rollback_restores(
     reg.rollback("segmenter", by="test", why="back")
     third = identities(pipeline.run(radiograph))
     assert third == first  # the same model, the same deterministic result UIDs and pixels
-    assert "models: now lung-unet@1.0.0 (was lung-unet@1.0.1-degraded)" in caplog.messages
+    assert f"models: now {UNET} (was {DEGRADED})" in caplog.messages
 
 
 def test_new_champions_that_cannot_load_leave_the_old_ones_serving(
         settings, radiograph: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     pipeline = Pipeline.load(settings)
     reg = ModelRegistry(settings.models_registry_path)
-    entry = reg.register(clone_version("lung-resunet", "1.0.7", tmp_path / "run"), "lung-resunet")
+    entry = reg.register(clone_version("lung-resunet", later_version("lung-resunet"), tmp_path / "run"), "lung-resunet")
     reg.promote(entry.ref, by="test", why="x", force=True)
     with entry.weights_path.open("r+b") as fh:  # damaged after the promotion checked it
         fh.seek(4096)
         fh.write(b"\xff" * 8)
     caplog.set_level(logging.INFO, logger="node.worker.pipeline")
     outcome = pipeline.run(radiograph)
-    assert identities(outcome)["seg"][1] == "1.0.0" and pipeline.analyzer.refs[0] == "lung-unet@1.0.0"
+    assert identities(outcome)["seg"][1] == SHIPPED_UNET["version"] and pipeline.analyzer.refs[0] == UNET
     assert any("models: cannot load the new champions" in m and "checksum mismatch" in m for m in caplog.messages)
     assert pipeline.refresh() is False  # not retried on every job; the next registry change is
 

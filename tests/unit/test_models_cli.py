@@ -14,10 +14,12 @@ from node.settings import load_settings
 from tests.models.catalog_helpers import (
     clone_version,
     degraded_segmenter,
+    later_version,
+    shipped_ref,
     small_reference_set,
 )
 
-UNET, RESUNET, TB = "lung-unet@1.0.0", "lung-resunet@1.0.0", "tb-scorer@1.0.0"
+UNET, RESUNET, TB = shipped_ref("lung-unet"), shipped_ref("lung-resunet"), shipped_ref("tb-scorer")
 DEGRADED = "lung-unet@1.0.1-degraded"
 
 
@@ -75,18 +77,22 @@ def test_list_and_show(capsys: pytest.CaptureFixture[str], config: Path) -> None
     text = run(capsys, config, "models", "list")
     lines = {line.split()[1] if line.startswith("*") else line.split()[0]: line for line in text.splitlines()[1:4]}
     assert lines[UNET].startswith("*") and lines[TB].startswith("*") and not lines[RESUNET].startswith("*")
-    assert "val_dice_network_size 0.9628" in lines[UNET] and "val_auc 0.8927" in lines[TB]
+    # the sidecars' recorded figures, as ``models list`` prints a metric (4 significant digits)
+    unet_dice = registry.read_meta("lung-unet")["training"]["best_val_dice_network_size"]
+    tb_meta = registry.read_meta("tb-scorer")
+    assert f"val_dice_network_size {unet_dice:.4g}" in lines[UNET]
+    assert f"val_auc {tb_meta['training']['val_auc']:.4g}" in lines[TB]
     assert registry.read_meta("tb-scorer")["sha256"][:12] in lines[TB]
     assert json.loads(run(capsys, config, "models", "list", "--slot", "tb", "--json"))[0]["ref"] == TB
 
     shown = json.loads(run(capsys, config, "models", "show", "tb", "--json"))
     assert shown["ref"] == TB and shown["in_service"] and shown["sidecar"] == registry.read_meta("tb-scorer")
-    assert shown["card"].startswith("# Model card: cxrnode-tb-scorer 1.0.0")
-    assert shown["data_summary"]["n_train"] == 529
+    assert shown["card"].startswith(f"# Model card: {tb_meta['name']} {tb_meta['version']}")
+    assert shown["data_summary"]["n_train"] == tb_meta["training"]["n_train"]
     assert [(h["action"], h["to"]) for h in shown["history"]] == [("seed", TB)]
     text = run(capsys, config, "models", "show", RESUNET)
     assert text.startswith(f"{RESUNET}\n") and "(in service)" not in text.splitlines()[0]
-    assert "# Model card: cxrnode-lung-resunet 1.0.0" in text
+    assert f"# Model card: cxrnode-lung-resunet {registry.read_meta('lung-resunet')['version']}" in text
     assert "no registered model 'vit'" in refused(capsys, config, "models", "show", "vit")
 
 
@@ -139,23 +145,25 @@ def test_degraded_model_is_refused_then_forced_then_rolled_back(capsys: pytest.C
 
 def test_a_model_that_passes_the_gate_is_promoted(capsys: pytest.CaptureFixture[str], config: Path,
                                                   tmp_path: Path) -> None:
-    run(capsys, config, "models", "register", str(clone_version("tb-scorer", "1.1.0", tmp_path / "tb")), "tb-scorer")
+    version = later_version("tb-scorer")  # the shipped weights under a version that is not shipped
+    challenger = f"tb-scorer@{version}"
+    run(capsys, config, "models", "register", str(clone_version("tb-scorer", version, tmp_path / "tb")), "tb-scorer")
     pair = small_reference_set(tmp_path / "pair", case_ids=("MCUCXR_0017_0", "MCUCXR_0182_1"))  # 1 TB, 1 normal
-    text = run(capsys, config, "models", "compare", "tb-scorer@1.1.0", "--data", str(pair), "--device", "cpu")
-    assert "challenger tb-scorer@1.1.0" in text and "against    tb-scorer@1.0.0" in text
+    text = run(capsys, config, "models", "compare", challenger, "--data", str(pair), "--device", "cpu")
+    assert f"challenger {challenger}" in text and f"against    {TB}" in text
     assert "2 cases, 2 with masks, 2 TB-labelled (1 TB)" in text and "gate: passed" in text
     assert "lung Dice" not in text  # a TB scorer does not change the lungs
     for line in text.splitlines()[6:9]:
         assert line.split()[-1] == "pass" and "+0.0000" in line and "[+0.0000, +0.0000]" in line, line
-    out = json.loads(run(capsys, config, "models", "promote", "tb-scorer@1.1.0", "--data", str(pair),
+    out = json.loads(run(capsys, config, "models", "promote", challenger, "--data", str(pair),
                          "--split", "val", "--device", "cpu", "--why", "same weights, new version", "--json"))
-    assert out["promoted"] and (out["from"], out["to"], out["forced"]) == (TB, "tb-scorer@1.1.0", False)
+    assert out["promoted"] and (out["from"], out["to"], out["forced"]) == (TB, challenger, False)
     assert out["gate"]["passed"] and [m["difference"] for m in out["gate"]["metrics"]] == [0.0, 0.0, 0.0]
     assert out["by"]  # $USER or the login name
 
 
 def test_register_refuses_tampered_weights(capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path) -> None:
-    src = clone_version("lung-resunet", "1.1.0", tmp_path / "run")
+    src = clone_version("lung-resunet", later_version("lung-resunet"), tmp_path / "run")
     with (src / "lung-resunet.pt").open("r+b") as fh:
         fh.seek(100)
         fh.write(b"xxxx")

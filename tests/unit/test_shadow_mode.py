@@ -15,7 +15,6 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from models import registry
 from models.catalog import ModelRegistry, RegistryError
 from node.archive import open_archive
 from node.cli.main import main
@@ -26,11 +25,16 @@ from node.settings import load_settings
 from node.worker.pipeline import Pipeline
 from node.worker.runner import InferenceWorker
 from tests.dicom_factory import make_dx
-from tests.models.catalog_helpers import clone_version, degraded_segmenter
+from tests.models.catalog_helpers import (
+    clone_version,
+    degraded_segmenter,
+    later_version,
+    shipped_ref,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = REPO / "tests" / "data" / "MCUCXR_0017_0.png"
-UNET, TB = "lung-unet@1.0.0", "tb-scorer@1.0.0"
+UNET, TB = shipped_ref("lung-unet"), shipped_ref("tb-scorer")
 DEGRADED = "lung-unet@1.0.1-degraded"
 COPY = "lung-unet@1.0.9-copy"
 
@@ -227,7 +231,8 @@ def test_a_failing_shadow_is_recorded_with_its_error_and_the_job_completes(
     monkeypatch.undo()
 
     # bad weights: the shadow cannot be loaded at the next job; each job records why, and completes
-    broken = node.registry.register(clone_version("lung-resunet", "1.0.7", tmp_path / "res"), "lung-resunet")
+    broken = node.registry.register(clone_version("lung-resunet", later_version("lung-resunet"), tmp_path / "res"),
+                                    "lung-resunet")
     node.registry.set_shadow(broken.ref, by="test")
     with broken.weights_path.open("r+b") as fh:  # damaged after set_shadow verified it
         fh.seek(4096)
@@ -236,7 +241,7 @@ def test_a_failing_shadow_is_recorded_with_its_error_and_the_job_completes(
     assert repository.get_job(node.db, third).status == JobStatus.DONE
     [row] = node.rows(third)
     assert row.shadow_ref == broken.ref and "checksum mismatch" in row.error and row.agree is None
-    assert registry.read_meta("lung-unet")["version"] == "1.0.0"  # nothing shipped was touched
+    assert shipped_ref("lung-unet") == UNET  # nothing shipped was touched
 
 
 def test_promoting_the_shadow_ends_it(tmp_path: Path) -> None:
