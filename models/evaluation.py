@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from models import data, metrics
+from models import data, metrics, plausibility
 from models.inference import LungAnalyzer
 
 #: WHO target product profile for TB screening: sensitivity >= 0.90 with specificity >= 0.70.
@@ -25,7 +25,7 @@ WHO_MIN_SPECIFICITY = 0.70
 #: Cases of lowest lung Dice listed in the result (``worst_cases``) and the table.
 WORST_CASES = 5
 #: The columns of ``cxrnode evaluate --per-case FILE.csv``.
-PER_CASE_COLUMNS = ("case_id", "source", "tb_label", "tb_score", "tb_call", "dice", "jaccard", "hd95")
+PER_CASE_COLUMNS = ("case_id", "source", "tb_label", "tb_score", "tb_call", "plausibility", "dice", "jaccard", "hd95")
 #: Seed of the simulated acquisition shifts (``--shift``); with the case id and the shift it fixes each draw.
 SHIFT_SEED = 20240611
 
@@ -54,6 +54,8 @@ def _summary(rows: list[dict[str, Any]], threshold: float, n_boot: int) -> dict[
         "lung_dice_min": float(min((r["dice"] for r in seg), default=float("nan"))),
         "lung_jaccard_mean": _mean([r["jaccard"] for r in seg]),
         "lung_hd95_mean": _mean([r["hd95"] for r in seg]),
+        "plausibility_min": float(min((r["plausibility"] for r in rows), default=float("nan"))),
+        "n_implausible": sum(r["plausibility"] < plausibility.PLAUSIBLE for r in rows),
         "tb_auc": auc,
         "tb_auc_ci95": list(ci),
         "sensitivity": sens,
@@ -77,8 +79,9 @@ def _clean(obj: Any) -> Any:
 def analyse_case(analyzer: LungAnalyzer, case: data.Case) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None, Any]:
     """One case through the node's inference path: (row, image, reference mask or None, analysis).
 
-    The row holds case_id, source, label, score and, when the case has a mask, dice, jaccard and
-    hd95 at the mask's size. :func:`evaluate` and the promotion gate (:mod:`models.gate`) both use it.
+    The row holds case_id, source, label, score, the segmentation's anatomical plausibility
+    (:func:`models.plausibility.analysis_plausibility`, no reference needed) and, when the case has a
+    mask, dice, jaccard and hd95 at the mask's size. :func:`evaluate` and the promotion gate (:mod:`models.gate`) both use it.
     """
     image = data.load_image(case.image_path)
     truth = data.load_mask(case.mask_path) if case.mask_path is not None else None
@@ -91,7 +94,7 @@ def analyse_image(analyzer: LungAnalyzer, case: data.Case, image: np.ndarray,
     """:func:`analyse_case` on pixels already loaded (and perhaps shifted): (row, analysis)."""
     result = analyzer.analyze(image, out_shape=truth.shape if truth is not None else None)
     row: dict[str, Any] = {"case_id": case.case_id, "source": case.source, "label": case.tb_label,
-                           "score": result.tb_score}
+                           "score": result.tb_score, "plausibility": plausibility.analysis_plausibility(result)}
     if truth is not None:
         row.update(dice=metrics.dice(result.lung_mask, truth), jaccard=metrics.jaccard(result.lung_mask, truth),
                    hd95=metrics.hd95(result.lung_mask, truth))
@@ -124,6 +127,9 @@ def evaluate(
     names the index page (``overlays_index``). ``calibration`` (of all labelled cases, and per
     source): the reliability diagram's bins and the expected calibration error of the TB score
     (:func:`models.metrics.calibration`). ``worst_cases``: the ``worst`` cases of lowest lung Dice.
+    ``plausibility_min`` / ``n_implausible``: the lowest anatomical plausibility of a segmentation and
+    how many score below :data:`models.plausibility.PLAUSIBLE` (:mod:`models.plausibility`; every
+    case, with a reference mask or not), and ``least_plausible``: the ``worst`` cases of lowest score.
     With ``per_case_csv``, one row per case is written there (:data:`PER_CASE_COLUMNS`).
     ``runtime`` / ``onnx_cache``: as for :meth:`models.inference.LungAnalyzer.load` (torch or ONNX).
 
@@ -152,6 +158,7 @@ def evaluate(
         rows.append(row)
     out = _summary(rows, analyzer.tb_threshold, n_boot)
     out["worst_cases"] = _worst_cases(rows, worst)
+    out["least_plausible"] = _least_plausible(rows, worst)
     if per_case_csv is not None:
         out["per_case_csv"] = str(_write_per_case(Path(per_case_csv), rows, analyzer.tb_threshold))
     out["per_source"] = _per_source(rows, analyzer.tb_threshold, n_boot)
@@ -163,8 +170,13 @@ def evaluate(
 
 
 def _worst_cases(rows: list[dict[str, Any]], worst: int) -> list[dict[str, Any]]:
-    return [{k: r[k] for k in ("case_id", "source", "dice", "jaccard", "hd95")}
+    return [{k: r[k] for k in ("case_id", "source", "dice", "jaccard", "hd95", "plausibility")}
             for r in sorted((r for r in rows if "dice" in r), key=lambda r: r["dice"])[:worst]]
+
+
+def _least_plausible(rows: list[dict[str, Any]], worst: int) -> list[dict[str, Any]]:
+    return [{"case_id": r["case_id"], "source": r["source"], "plausibility": r["plausibility"], "dice": r.get("dice")}
+            for r in sorted(rows, key=lambda r: (r["plausibility"], r["case_id"]))[:worst]]
 
 
 def _per_source(rows: list[dict[str, Any]], threshold: float, n_boot: int) -> dict[str, Any]:
@@ -176,7 +188,7 @@ def _per_source(rows: list[dict[str, Any]], threshold: float, n_boot: int) -> di
 
 #: The headline figures of each shift, side by side in ``comparison`` and the table.
 COMPARISON_KEYS = ("tb_auc", "tb_auc_ci95", "sensitivity", "specificity", "who_target_met", "lung_dice_mean",
-                   "lung_dice_min", "lung_hd95_mean")
+                   "lung_dice_min", "lung_hd95_mean", "n_implausible")
 
 
 def evaluate_shifted(
@@ -246,6 +258,7 @@ def evaluate_shifted(
         rs = rows[s.label]
         out = _summary(rs, threshold, n_boot)
         out["worst_cases"] = _worst_cases(rs, worst)
+        out["least_plausible"] = _least_plausible(rs, worst)
         out["per_source"] = _per_source(rs, threshold, n_boot)
         shift = acquisition.get(s.name) if s.name != acquisition.NONE else None
         strength = None if shift is None else shift.default_strength if s.strength is None else s.strength
@@ -286,7 +299,8 @@ def _write_per_case(path: Path, rows: list[dict[str, Any]], threshold: float, wi
             cells = {"shift": row["shift"]} if with_shift else {}
             cells |= {"case_id": row["case_id"], "source": row["source"],
                      "tb_label": "" if row["label"] is None else row["label"],
-                     "tb_score": f"{row['score']:.6f}", "tb_call": int(row["score"] >= threshold)}
+                     "tb_score": f"{row['score']:.6f}", "tb_call": int(row["score"] >= threshold),
+                     "plausibility": f"{row['plausibility']:.3f}"}
             cells.update({k: f"{row[k]:.6f}" if k in row and math.isfinite(row[k]) else "" for k in ("dice", "jaccard", "hd95")})
             writer.writerow(cells)
     return path
@@ -334,13 +348,17 @@ def format_table(result: dict[str, Any]) -> str:
     if result.get("worst_cases"):
         lines.append("lowest lung Dice: " + ", ".join(f"{c['case_id']} ({c['source']}) {f(c['dice'])}"
                                                       for c in result["worst_cases"]))
+    if result.get("least_plausible"):
+        lines.append(f"implausible segmentations (plausibility < {plausibility.PLAUSIBLE}): {result['n_implausible']} "
+                     f"of {result['n_cases']}; lowest: " + ", ".join(f"{c['case_id']} {f(c['plausibility'], 3)}"
+                                                                   for c in result["least_plausible"][:3]))
     return "\n".join(lines)
 
 
 def _format_shift_table(result: dict[str, Any], f: Callable[..., str]) -> str:
     """The table of an :func:`evaluate_shifted` result: one line per shift, ``none`` first."""
     head = (f"{'shift':14}{'cases':>6}{'masks':>6}{'Dice':>8}{'Dice min':>9}{'HD95 px':>9}{'TB AUC':>8}"
-            f"{'AUC 95% CI':>17}{'sens':>7}{'spec':>7}{'ECE':>7}{'WHO':>5}")
+            f"{'AUC 95% CI':>17}{'sens':>7}{'spec':>7}{'ECE':>7}{'WHO':>5}{'implaus':>8}")
     lines = [(f"segmenter {result['segmenter']} ({result['arch']}), TB {result['tb_model']}, "
               f"split {result['split'] or 'all'}, threshold {f(result['threshold'], 3)}"),
              (f"simulated acquisition shifts (models.shifts, seed {result['shift_seed']}): the same images shifted, "
@@ -351,7 +369,9 @@ def _format_shift_table(result: dict[str, Any], f: Callable[..., str]) -> str:
         ece = (r.get("calibration") or {}).get("ece")
         lines.append(f"{label:14}{r['n_cases']:>6}{r['n_masks']:>6}{f(r['lung_dice_mean']):>8}{f(r['lung_dice_min']):>9}"
                      f"{f(r['lung_hd95_mean'], 2):>9}{f(r['tb_auc'], 3):>8}{ci_s:>17}{f(r['sensitivity'], 3):>7}"
-                     f"{f(r['specificity'], 3):>7}{f(ece, 3):>7}{'yes' if r['who_target_met'] else 'no':>5}")
+                     f"{f(r['specificity'], 3):>7}{f(ece, 3):>7}{'yes' if r['who_target_met'] else 'no':>5}"
+                     f"{r['n_implausible']:>8}")
     lines.append(f"WHO: sens >= {WHO_MIN_SENSITIVITY} with spec >= {WHO_MIN_SPECIFICITY}; ECE: expected calibration "
-                 "error of the TB score; per source and per case in --json")
+                 f"error of the TB score; implaus: segmentations of plausibility < {plausibility.PLAUSIBLE} "
+                 "(models.plausibility); per source and per case in --json")
     return "\n".join(lines)

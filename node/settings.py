@@ -521,7 +521,8 @@ class DatasetSettings:
     """``cxrnode dataset export``: a de-identified training set from the archive (:mod:`node.dataset`)."""
 
     #: The node's own masks (pseudo-labels) whose quality score (0..1, :func:`node.dataset.labels.pseudo_quality`)
-    #: is below this are left out of the export; ``--min-quality`` overrides it.
+    #: is below this are left out of the export; ``--min-quality`` overrides it. The default is
+    #: :data:`models.plausibility.PLAUSIBLE`, the cut ``cxrnode evaluate`` counts implausible cases by.
     min_pseudo_quality: float = 0.5
     #: DICOMweb base URL of the PACS (e.g. ``http://pacs:8042/dicom-web``) where radiologist-corrected SEGs
     #: and verified reports are looked up; "" = only the node's own masks (``--pacs-url`` overrides it).

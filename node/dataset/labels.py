@@ -12,22 +12,11 @@ Masks, in order of trust:
 2. **pseudo**: the node's own SEG from the archive, with a quality score (:func:`pseudo_quality`);
    below ``[dataset] min_pseudo_quality`` the mask is left out of the export.
 
-The pseudo-label quality is the mask's anatomical plausibility, computed from what is archived
-(the node does not keep its probability maps): the product of four factors in 0..1, on the mask in
-the standard view at export size (512 x 512):
-
-* **area**: both lungs together cover 12-42 % of the image (1), falling linearly to 0 at 4 % and
-  60 %. The shared reference masks cover 9.9-43 % (1st-99th percentile 13-40 %);
-* **balance**: the smaller lung has at least half the area of the larger (1), falling to 0 at
-  15 %. Reference masks: 5th percentile 0.68, median 0.85;
-* **compactness**: each lung's largest connected component holds at least 95 % of its pixels (1),
-  falling to 0 at 60 %. The two largest components of the reference masks hold 94-100 %;
-* **sides**: the patient's left lung lies on the image's right half and the right lung on its
-  left half (centroids); 0 otherwise, and 0 when a lung is empty.
-
-A correct mask scores 1.0 or close; a mask with a missing lung, a lung on the wrong side, a
-fragmented blob or one that covers the mediastinum scores 0 or low. It is not a Dice estimate; it
-catches the failures a person would reject at a glance.
+The pseudo-label quality is the mask's anatomical plausibility
+(:func:`models.plausibility.lung_plausibility`: area, balance, compactness and sides, each 0..1),
+computed from what is archived (the node does not keep its probability maps), on the mask in the
+standard view at export size (512 x 512). It is not a Dice estimate; it catches the failures a
+person would reject at a glance.
 
 TB labels (never the node's own TB score): an engineer's CSV (``--tb-labels``: a Study Instance UID
 or an Accession Number per row, ``tb_label`` 0 or 1), else a radiologist-verified report in the PACS
@@ -51,7 +40,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from models.components import label_components
+from models.plausibility import lung_plausibility
 from node.errors import NodeError
 
 __all__ = [
@@ -86,32 +75,10 @@ class PacsError(NodeError):
 
 # ----- masks -----
 
-def _ramp(x: float, low: float, high: float) -> float:
-    return float(np.clip((x - low) / (high - low), 0.0, 1.0))
-
-
-def _largest_share(mask: np.ndarray) -> float:
-    _, sizes = label_components(mask, connectivity=8)
-    return float(sizes.max() / sizes.sum()) if sizes.size and sizes.sum() else 0.0
-
-
 def pseudo_quality(patient_left: np.ndarray, patient_right: np.ndarray) -> float:
-    """Anatomical plausibility (0..1, 3 decimals) of a two-lung mask in the standard view (the
-    patient's left on the image's right); see the module docstring for the four factors."""
-    left, right = np.asarray(patient_left, bool), np.asarray(patient_right, bool)
-    height, width = left.shape
-    left_area, right_area = int(left.sum()), int(right.sum())
-    if not left_area or not right_area:
-        return 0.0
-    area = (left_area + right_area) / (height * width)
-    f_area = _ramp(area, 0.04, 0.12) * (1.0 - _ramp(area, 0.42, 0.60))
-    f_balance = _ramp(min(left_area, right_area) / max(left_area, right_area), 0.15, 0.5)
-    f_compact = _ramp(min(_largest_share(left), _largest_share(right)), 0.6, 0.95)
-    columns = np.arange(width)
-    left_x = float((left.sum(axis=0) * columns).sum() / left_area)
-    right_x = float((right.sum(axis=0) * columns).sum() / right_area)
-    f_sides = 1.0 if right_x < width / 2 < left_x else 0.0
-    return round(f_area * f_balance * f_compact * f_sides, 3)
+    """The quality of the node's own mask as a pseudo-label: its anatomical plausibility (0..1, 3
+    decimals, :func:`models.plausibility.lung_plausibility`, which documents the four factors)."""
+    return lung_plausibility(patient_left, patient_right)
 
 
 def _code(item: Dataset, keyword: str) -> tuple[str, str] | None:

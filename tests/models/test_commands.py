@@ -173,7 +173,8 @@ def test_evaluate_per_case_csv_worst_cases_and_calibration(fixture_dir, tmp_path
     assert r["per_case_csv"] == str(out)
     rows = list(csv.DictReader(out.open()))
     assert [row["case_id"] for row in rows] == [row["case_id"] for row in csv.DictReader((fixture_dir / "index.csv").open())]
-    assert list(rows[0]) == ["case_id", "source", "tb_label", "tb_score", "tb_call", "dice", "jaccard", "hd95"]
+    assert list(rows[0]) == ["case_id", "source", "tb_label", "tb_score", "tb_call", "plausibility", "dice", "jaccard",
+                             "hd95"]
     no_mask = next(row for row in rows if row["case_id"] == "CHNCXR_0065_0")
     assert no_mask["dice"] == no_mask["jaccard"] == no_mask["hd95"] == ""
     for row in rows:
@@ -182,6 +183,12 @@ def test_evaluate_per_case_csv_worst_cases_and_calibration(fixture_dir, tmp_path
     dices = sorted((float(row["dice"]), row["case_id"]) for row in rows if row["dice"])
     assert [c["case_id"] for c in r["worst_cases"]] == [case for _, case in dices][:5]
     assert r["worst_cases"][0]["dice"] == pytest.approx(dices[0][0], abs=1e-6)
+    # plausibility: every case (with a mask or not), the least plausible first, the count below the cut
+    scores_p = sorted((float(row["plausibility"]), row["case_id"]) for row in rows)
+    assert [c["case_id"] for c in r["least_plausible"]] == [case for _, case in scores_p][:5]
+    assert r["plausibility_min"] == pytest.approx(scores_p[0][0], abs=1e-3)
+    assert r["n_implausible"] == sum(p < 0.5 for p, _ in scores_p) == 0  # the fixture's lungs are all found
+    assert r["plausibility_min"] >= 0.9
     # calibration: every labelled case in one bin, and the error recomputed from the CSV by hand
     cal = r["calibration"]
     assert sum(b["n"] for b in cal["bins"]) == r["n_labelled"] == 6 and len(cal["bins"]) == 10

@@ -333,6 +333,9 @@ def test_evaluate_shift_invert_blur_on_the_fixture(fixture_dir, tmp_path, capsys
     assert 0.93 <= none["lung_dice_mean"] <= 1.0 and none["shift_name"] == "none"
     # the shifts move the figures: inverted polarity wrecks the segmentation; blur moves the scores
     assert r["results"]["invert"]["lung_dice_mean"] < none["lung_dice_mean"] - 0.2
+    # ... and the plausibility check, which needs no reference mask, sees it
+    assert none["n_implausible"] == 0 and r["results"]["invert"]["n_implausible"] >= 4
+    assert [c["n_implausible"] for c in r["comparison"]] == [r["results"][s]["n_implausible"] for s in r["shifts"]]
     rows = list(csv.DictReader(per_case.open()))
     assert next(iter(rows[0])) == "shift" and len(rows) == 18
     scores = {s: [float(x["tb_score"]) for x in rows if x["shift"] == s] for s in r["shifts"]}
