@@ -17,6 +17,10 @@ Metrics are ``prometheus_client`` objects in its default registry (which also ca
   too many; a failed TLS handshake never becomes an association and is only audited);
 - ``cxrnode_send_attempts_total{destination}``, ``cxrnode_send_failures_total{destination}``:
   C-STORE rounds of results to each destination, and those that failed;
+- ``cxrnode_lung_segmentations_total{plausibility}``: radiographs analysed, by whether their lung
+  segmentation passed the anatomical plausibility check (:mod:`models.plausibility`): ``plausible``
+  or ``implausible`` (a missing or misplaced lung, fragments, the whole image: an overlay a person
+  must not trust; the job's ``infer`` step says so too);
 - ``cxrnode_model_info{architecture,device,segmenter,segmenter_version,segmenter_sha256,
   tb_model,tb_model_version,tb_model_sha256}``: the loaded networks (processes that work, once
   loaded);
@@ -82,6 +86,11 @@ SEND_ATTEMPTS = Counter("cxrnode_send_attempts", "C-STORE rounds of results to a
                         ["destination"])
 SEND_FAILURES = Counter("cxrnode_send_failures", "C-STORE rounds to a destination that failed",
                         ["destination"])
+LUNG_SEGMENTATIONS = Counter("cxrnode_lung_segmentations",
+                             "Radiographs analysed, by the anatomical plausibility of their lung segmentation",
+                             ["plausibility"])
+#: The values of :data:`LUNG_SEGMENTATIONS`'s label.
+PLAUSIBILITY_LABELS = ("plausible", "implausible")
 
 
 def _never_raises(hook: Callable[..., None]) -> Callable[..., None]:
@@ -108,6 +117,12 @@ def observe_stage(stage: str, seconds: float) -> None:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     STAGE_SECONDS.labels(stage).observe(max(0.0, seconds))
+
+
+@_never_raises
+def lung_segmentation_checked(plausible: bool) -> None:
+    """Count one analysed radiograph as ``plausible`` or ``implausible`` (:data:`LUNG_SEGMENTATIONS`)."""
+    LUNG_SEGMENTATIONS.labels(PLAUSIBILITY_LABELS[0] if plausible else PLAUSIBILITY_LABELS[1]).inc()
 
 
 def _status_label(status: Any) -> str:
@@ -326,6 +341,9 @@ def prepare(*, listen: bool, work: bool, destinations: Iterable[str], send: bool
     for stage in WORKER_STAGES:
         if (work and stage not in SENDER_STAGES) or (send and stage in SENDER_STAGES):
             STAGE_SECONDS.labels(stage)
+    if work:
+        for label in PLAUSIBILITY_LABELS:
+            LUNG_SEGMENTATIONS.labels(label)
     if send:
         for name in destinations:
             SEND_ATTEMPTS.labels(name)
@@ -342,7 +360,7 @@ def metric_names() -> frozenset[str]:
     (``cxrnode_cstore`` and ``cxrnode_cstore_total``, ``..._bucket``, ...), for dashboards, alert
     rules and their tests. Reads nothing."""
     families = [family for collector in (STAGE_SECONDS, CSTORES, ASSOCIATIONS, SEND_ATTEMPTS,
-                                         SEND_FAILURES, MODEL_INFO, _BuildInfo(""))
+                                         SEND_FAILURES, LUNG_SEGMENTATIONS, MODEL_INFO, _BuildInfo(""))
                 for family in collector.describe()]
     families += [GaugeMetricFamily(name, "") for name in QueueCollector.FAMILIES]
     return frozenset({family.name for family in families}

@@ -27,6 +27,7 @@ from pydicom import dcmread
 from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 
+from models import plausibility
 from node.archive import check_uid
 from node.errors import EncodingError, RejectedInput
 from node.http import metrics
@@ -68,6 +69,9 @@ class Outcome:
     results: tuple[EncodedObject, ...]
     tb_score: float
     summary: str
+    #: The anatomical plausibility of the lung segmentation (0..1, :mod:`models.plausibility`); below
+    #: :data:`models.plausibility.PLAUSIBLE` the overlay and the TB score need a person's check.
+    plausibility: float | None = None
     #: Shadow mode: the challenger's analysis of the same pixels and its comparison with the
     #: champion's, deferred: the runner calls it after the job's results are recorded and records
     #: what it returns (the columns of a ``shadow_results`` row; it never raises). None: no shadow.
@@ -354,6 +358,8 @@ class Pipeline:
             raise RejectedInput(f"unreadable pixel data: {exc}") from None
         view = standard_view(ds, pixels)
         analysis = serving.analyzer.analyze(view)
+        quality = plausibility.analysis_plausibility(analysis)  # on the standard view, as the networks saw it
+        metrics.lung_segmentation_checked(quality >= plausibility.PLAUSIBLE)
         inferred = time.perf_counter()
         metrics.observe_stage("inference", inferred - started)
         left, right = patient_sides(ds, analysis)
@@ -387,6 +393,10 @@ class Pipeline:
             raise EncodingError(f"results could not be encoded: {type(exc).__name__}: {exc}") from exc
         done = time.perf_counter()
         metrics.observe_stage("encoding", done - inferred)
+        check = "" if quality >= plausibility.PLAUSIBLE else (
+            f" < {plausibility.PLAUSIBLE}: IMPLAUSIBLE, check the overlay and the TB score")
         summary = (f"TB score {analysis.tb_score:.3f} (threshold {threshold:.3f}); "
+                   f"lung plausibility {quality:.3f}{check}; "
                    f"inference {inferred - started:.2f} s, encoding {done - inferred:.2f} s")
-        return Outcome(results, float(analysis.tb_score), summary, shadow=self._shadow_job(view, analysis, serving))
+        return Outcome(results, float(analysis.tb_score), summary, plausibility=quality,
+                       shadow=self._shadow_job(view, analysis, serving))

@@ -11,6 +11,7 @@ from functools import partial
 from collections.abc import Callable
 from typing import Any
 
+from models.plausibility import PLAUSIBLE
 from node import faults
 from node.archive import Archive
 from node.errors import EncodingError, RejectedInput
@@ -129,6 +130,9 @@ class InferenceWorker:
             if self.wakeups is not None:
                 self.wakeups.ring(Stage.ENCODED)
             log.info("job %d encoded (TB score %.3f)", job_id, outcome.tb_score)
+            if outcome.plausibility is not None and outcome.plausibility < PLAUSIBLE:
+                log.warning("job %d: implausible lung segmentation (plausibility %.3f < %s): its overlay and "
+                            "TB score need a person's check", job_id, outcome.plausibility, PLAUSIBLE)
             shadow = outcome.shadow
         if shadow is not None:  # after the job's results are recorded: it never delays nor fails them
             self._run_shadow(job_id, shadow)
