@@ -4,7 +4,8 @@ One renderer serves ``cxrnode jobs show ID --preview FILE.png`` and ``cxrnode ev
 --overlays DIR``. The patient's left lung is green and the right lung blue (the SEG's
 display colours), each filled at :data:`FILL_ALPHA` with a solid outline, and an "L" marks
 the side of the image where the patient's left is. The caption names the TB score, the
-qualitative result, the model and "NOT FOR DIAGNOSIS".
+qualitative result, the model and "NOT FOR DIAGNOSIS"; a "Quality check: ..." line (the lung
+segmentation failed the plausibility check) in amber; lines too wide are wrapped at spaces.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-__all__ = ["FILL_ALPHA", "LEFT_COLOUR", "NOT_FOR_DIAGNOSIS", "RIGHT_COLOUR", "lung_layers", "overlay_picture"]
+__all__ = ["FILL_ALPHA", "LEFT_COLOUR", "NOT_FOR_DIAGNOSIS", "QUALITY_CHECK", "RIGHT_COLOUR", "lung_layers",
+           "overlay_picture"]
 
 LEFT_COLOUR = (40, 200, 70)  # the patient's left lung (SEG segment 1)
 RIGHT_COLOUR = (50, 110, 255)  # the patient's right lung (SEG segment 2)
@@ -73,19 +75,37 @@ def overlay_picture(
     return _with_caption(picture, list(caption), patient_left_on_image_right)
 
 
+#: A caption line starting with this (the results' "Quality check: ..." warning) is drawn in amber.
+QUALITY_CHECK = "Quality check:"
+_TEXT, _WARNING, _ALERT = (255, 255, 255), (255, 191, 0), (255, 80, 80)
+
+
+def _wrapped(line: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> list[str]:
+    """``line`` broken at spaces into pieces no wider than ``width`` pixels in ``font`` (a single
+    word wider than that stays whole)."""
+    pieces: list[str] = []
+    for word in line.split(" "):
+        if pieces and font.getlength(f"{pieces[-1]} {word}") <= width:
+            pieces[-1] = f"{pieces[-1]} {word}"
+        else:
+            pieces.append(word)
+    return pieces or [""]
+
+
 def _with_caption(picture: Image.Image, caption: list[str], left_on_right: bool | None) -> Image.Image:
     """The picture below a black band holding the caption (nothing of the image is covered)."""
     size = max(12, max(picture.size) // 40)
     font = ImageFont.load_default(size=size)
-    lines = [*caption, NOT_FOR_DIAGNOSIS]
     margin = size // 2
+    lines = [(part, _WARNING if line.startswith(QUALITY_CHECK) else _TEXT)
+             for line in caption for part in _wrapped(line, font, picture.width - 2 * margin)]
+    lines.append((NOT_FOR_DIAGNOSIS, _ALERT))
     line_height = round(size * 1.25)
     band = margin * 2 + line_height * len(lines)
     out = Image.new("RGB", (picture.width, picture.height + band))
     out.paste(picture, (0, band))
     draw = ImageDraw.Draw(out)
-    for index, line in enumerate(lines):
-        colour = (255, 80, 80) if line == NOT_FOR_DIAGNOSIS else (255, 255, 255)
+    for index, (line, colour) in enumerate(lines):
         draw.text((margin, margin + index * line_height), line, fill=colour, font=font)
     if left_on_right is not None:
         marker = ImageFont.load_default(size=size * 2)

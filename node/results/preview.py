@@ -14,9 +14,9 @@ from pydicom import dcmread
 
 from node.imaging import display_pixels, patient_left_on_image_right
 
-from .picture import lung_layers, overlay_picture
+from .picture import QUALITY_CHECK, lung_layers, overlay_picture
 from .seg import LUNG_SEGMENTS
-from .sr import TB_SCORE, TB_SCREENING_RESULT, TUBERCULOSIS
+from .sr import COMMENT, TB_SCORE, TB_SCREENING_RESULT, TUBERCULOSIS
 
 __all__ = ["result_preview"]
 
@@ -35,17 +35,19 @@ def result_preview(source_path: Path, seg_path: Path, sr_path: Path, max_side: i
     except (KeyError, ValueError, IndexError) as exc:
         raise ValueError(f"the SEG does not hold the lungs of this image: {exc}") from None
     by_side = {segment.side: masks[..., index] for index, segment in enumerate(LUNG_SEGMENTS)}
-    score, result = _tb_finding(sr_path)
+    score, result, checks = _tb_finding(sr_path)
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     caption = [
         f"TB score {score:.3f}: {result}",
+        *checks,  # "Quality check: ...", as the SR says it
         f"Lungs: {algorithm.AlgorithmName} {algorithm.AlgorithmVersion} (green: patient's left, blue: right)",
     ]
     return overlay_picture(display_pixels(source), lung_layers(by_side["left"], by_side["right"]), caption,
                            patient_left_on_image_right=patient_left_on_image_right(source), max_side=max_side)
 
 
-def _tb_finding(sr_path: Path) -> tuple[float, str]:
+def _tb_finding(sr_path: Path) -> tuple[float, str, list[str]]:
+    """(TB score, screening result, the "Quality check: ..." comments) of the SR's TB group."""
     sr = hd.sr.srread(sr_path)
     for group in sr.content.get_image_measurement_groups():
         if group.finding_type != TUBERCULOSIS:
@@ -53,5 +55,8 @@ def _tb_finding(sr_path: Path) -> tuple[float, str]:
         (score,) = group.get_measurements(name=TB_SCORE)
         evaluations = group.get_qualitative_evaluations(name=TB_SCREENING_RESULT)
         result = evaluations[0].value.meaning if evaluations else "no result"
-        return float(np.float64(score.value)), str(result)
+        checks = [str(item.TextValue) for item in group[0].get("ContentSequence", [])
+                  if item.ConceptNameCodeSequence[0].CodeValue == COMMENT.value
+                  and str(item.get("TextValue", "")).startswith(QUALITY_CHECK)]
+        return float(np.float64(score.value)), str(result), checks
     raise ValueError("the SR has no TB screening group")

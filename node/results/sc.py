@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 
 from .algorithm import ResultAlgorithms
 from .device import DEFAULT_DEVICE, NodeDevice
-from .picture import lung_layers, overlay_picture
+from .picture import QUALITY_CHECK, lung_layers, overlay_picture
 from .source import encoding_source, no_identifier_warnings
 from .uids import result_uids
 
@@ -39,10 +39,13 @@ def build_secondary_capture(
     algorithms: ResultAlgorithms,
     series_number: int = DEFAULT_SC_SERIES_NUMBER,
     device: NodeDevice = DEFAULT_DEVICE,
+    quality_warning: str | None = None,
 ) -> hd.sc.SCImage:
     """Encode the overlay picture of ``source`` (display ``pixels`` in [0, 1], the two lung masks).
 
     UIDs derive from the source, both algorithms and the threshold, like the SR's.
+    ``quality_warning`` (the segmentation failed the plausibility check): a caption line
+    "Quality check: ..." (the SR's Comment) right below the TB score's, wrapped to the width.
 
     Raises:
         ValueError: masks or pixels of the wrong shape, a score or threshold outside [0, 1].
@@ -55,6 +58,7 @@ def build_secondary_capture(
     segmenter, tb = algorithms.segmenter, algorithms.tb_classifier
     caption = [
         f"TB score {tb_score:.3f} (threshold {threshold:.3f}): {result}",
+        *([f"{QUALITY_CHECK} {quality_warning.strip()}"] if quality_warning else []),
         f"Lungs: {segmenter.name} {segmenter.version}; TB: {tb.name} {tb.version}",
         "Green: patient's left lung, blue: patient's right lung",
     ]

@@ -23,6 +23,8 @@ Content (``ContentSequence`` of the root ``Imaging Measurement Report``):
   - TEXT DCM 121106 "Comment" "TB score 0.73 (threshold 0.5): Abnormal", the
     line viewers list (OHIF shows comments, not CODE items);
   - when areas are left out, a second Comment with the reason;
+  - when the lung segmentation failed the node's plausibility check
+    (:mod:`models.plausibility`), a Comment "Quality check: ..." saying so;
   - TB model identification, with ``threshold=<t>`` as a parameter;
 * per lung, two groups with the same Tracking Unique Identifier (one finding,
   two views of it):
@@ -64,6 +66,7 @@ from .algorithm import ResultAlgorithms
 from .device import DEFAULT_DEVICE, NodeDevice
 from .measure import LUNG_SIDES
 from .outline import mask_bounds, mask_outline
+from .picture import QUALITY_CHECK
 from .seg import LUNG_SEGMENTS, LungSegment
 from .source import encoding_source, no_identifier_warnings
 from .uids import derive_uid, result_uids
@@ -109,6 +112,7 @@ def build_report(
     algorithms: ResultAlgorithms,
     series_number: int = DEFAULT_SR_SERIES_NUMBER,
     device: NodeDevice = DEFAULT_DEVICE,
+    quality_warning: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Encode the TB score and lung areas of ``source`` as a TID 1500 SR.
 
@@ -120,6 +124,8 @@ def build_report(
     no usable pixel spacing, ``area_omission_reason`` (written into the
     report as a Comment). UIDs derive from the source SOP Instance UID, both
     algorithms and the threshold (:func:`node.results.uids.result_uids`).
+    ``quality_warning``: why the lungs and the score must not be trusted (the segmentation failed
+    the plausibility check), written as a Comment beside the TB score's.
 
     Raises:
         ValueError: score or threshold outside [0, 1]; both or neither of
@@ -135,6 +141,8 @@ def build_report(
         _check_areas(areas_mm2)
     elif not area_omission_reason or not area_omission_reason.strip():
         raise ValueError("area_omission_reason must not be empty")
+    if quality_warning is not None and not quality_warning.strip():
+        raise ValueError("quality_warning must not be empty")
     if seg.StudyInstanceUID != source.StudyInstanceUID:
         raise ValueError("the SEG is not in the source image's study")
     frames = _frame_numbers_by_segment(seg)
@@ -152,7 +160,7 @@ def build_report(
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]
     anchor = _label_anchor(lung_masks, shape)
     groups = [_image_group(source, tb_score, threshold, area_omission_reason, algorithms, uid_keys, anchor,
-                           device.uid_root)]
+                           device.uid_root, quality_warning)]
     for segment in LUNG_SEGMENTS:
         if segment.segment_number not in frames:
             raise ValueError(f"the SEG has no frame for segment {segment.segment_number} ({segment.segment_label})")
@@ -221,6 +229,7 @@ def _image_group(
     uid_keys: list[str],
     anchor: np.ndarray,
     uid_root: str,
+    quality_warning: str | None = None,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     tb_algorithm = algorithms.tb_classifier.sr_identification(threshold=f"{threshold:g}")
     result = codes.SCT.Abnormal if tb_score >= threshold else codes.SCT.Normal
@@ -261,6 +270,12 @@ def _image_group(
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
         group[0].ContentSequence.append(comment)
+    if quality_warning is not None:
+        group[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=COMMENT,
+            value=f"{QUALITY_CHECK} {quality_warning.strip()}"[:1024],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        ))
     return group
 
 

@@ -360,6 +360,9 @@ class Pipeline:
         analysis = serving.analyzer.analyze(view)
         quality = plausibility.analysis_plausibility(analysis)  # on the standard view, as the networks saw it
         metrics.lung_segmentation_checked(quality >= plausibility.PLAUSIBLE)
+        warning = None if quality >= plausibility.PLAUSIBLE else (
+            f"lung segmentation implausible (plausibility {quality:.2f} < {plausibility.PLAUSIBLE}): "
+            "do not rely on the lung outlines or the TB score")
         inferred = time.perf_counter()
         metrics.observe_stage("inference", inferred - started)
         left, right = patient_sides(ds, analysis)
@@ -380,12 +383,13 @@ class Pipeline:
                     datasets.append(("sr", build_report(
                         source, seg, tb_score=analysis.tb_score, threshold=threshold,
                         lung_masks={"left": left, "right": right}, areas_mm2=areas,
-                        area_omission_reason=omission, algorithms=algorithms, device=self.device)))
+                        area_omission_reason=omission, algorithms=algorithms, device=self.device,
+                        quality_warning=warning)))
             if "sc" in kinds:
                 datasets.append(("sc", build_secondary_capture(
                     source, pixels, left, right, patient_left_on_image_right=patient_left_on_image_right(ds),
                     tb_score=analysis.tb_score, threshold=threshold, algorithms=algorithms,
-                    device=self.device)))
+                    device=self.device, quality_warning=warning)))
             results = tuple(EncodedObject(kind, str(obj.SOPClassUID), str(obj.SOPInstanceUID), verify.reread(obj))
                             for kind, obj in datasets)
         except (ValueError, TypeError, AttributeError, KeyError) as exc:

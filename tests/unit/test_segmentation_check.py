@@ -1,7 +1,8 @@
 """The worker checks every lung segmentation for anatomical plausibility (models.plausibility) and says
-when one fails: in the job's ``infer`` step, in a warning naming the job, and in
-``cxrnode_lung_segmentations_total{plausibility}``. The results are still made and kept (nothing is
-lost), so a person can look at what went wrong.
+when one fails: to the radiologist in the SR (a "Quality check: ..." Comment) and in the burned-in
+caption of the SC and of the admin preview (an amber line), and to the admin in the job's ``infer``
+step, in a warning naming the job, and in ``cxrnode_lung_segmentations_total{plausibility}``. The
+results are still made and kept (nothing is lost), so a person can look at what went wrong.
 
 The real Pipeline and networks on the CPU, on a 512 x 512 DX from the repository's Montgomery case,
 once as stored and once with its pixels inverted under a MONOCHROME2 header (a wrong header, the way
@@ -10,22 +11,27 @@ inverted polarity reaches a node: the segmentation then fails, as the stress tes
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 from prometheus_client import REGISTRY
 
 from node.archive import open_archive
 from node.queue.db import Database
+from node.results.preview import result_preview
 from node.settings import load_settings
 from node.worker.pipeline import EncodedObject, Outcome, Pipeline
 from node.worker.runner import InferenceWorker
 from tests.dicom_factory import make_dx
+from tests.unit.test_results import find_items
 from tests.unit.test_runner_faults import SEG_CLASS, queued_job, steps
+from tests.validation import dciodvfy_errors
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = REPO / "tests" / "data" / "MCUCXR_0017_0.png"
@@ -38,9 +44,12 @@ def counted(label: str) -> float:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    data_dir = tmp_path_factory.mktemp("var")
-    return Pipeline.load(load_settings(REPO / "config" / "cxrnode.toml",
-                                       env={"CXRNODE_NODE_DATA_DIR": str(data_dir), "CXRNODE_WORKER_DEVICE": "cpu"}))
+    folder = tmp_path_factory.mktemp("node")
+    config = folder / "cxrnode.toml"
+    config.write_text(f'[node]\ndata_dir = "{folder / "var"}"\n[worker]\ndevice = "cpu"\n'
+                      '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 4242\n'
+                      'outputs = ["seg", "sr", "sc"]\n')
+    return Pipeline.load(load_settings(config, env={}))
 
 
 def radiograph(tmp_path: Path, invert: bool) -> Path:
@@ -50,21 +59,55 @@ def radiograph(tmp_path: Path, invert: bool) -> Path:
     return path
 
 
+def comments(outcome: Outcome) -> list[str]:
+    sr = pydicom.dcmread(io.BytesIO(outcome.result("sr").data))
+    return [str(item.TextValue) for item in find_items(sr, "121106")]  # DCM Comment
+
+
+def amber(picture: np.ndarray, band: int) -> int:
+    """Pixels of the caption band drawn in the warning's amber (255, 191, 0)."""
+    rgb = picture[:band].astype(int)
+    return int(((rgb[..., 0] > 220) & (rgb[..., 1] > 150) & (rgb[..., 1] < 225) & (rgb[..., 2] < 70)).sum())
+
+
+def pictures(outcome: Outcome, source: Path, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The SC's pixels and the admin preview of the source with the SEG and SR, as RGB arrays."""
+    sc = pydicom.dcmread(io.BytesIO(outcome.result("sc").data)).pixel_array
+    paths = {}
+    for kind in ("seg", "sr"):
+        paths[kind] = tmp_path / f"{kind}.dcm"
+        paths[kind].write_bytes(outcome.result(kind).data)
+    preview = np.asarray(result_preview(source, paths["seg"], paths["sr"]).convert("RGB"))
+    return sc, preview
+
+
 def test_a_normal_radiograph_is_plausible(pipeline: Pipeline, tmp_path: Path) -> None:
     before = counted("plausible"), counted("implausible")
-    outcome = pipeline.run(radiograph(tmp_path, invert=False))
+    source = radiograph(tmp_path, invert=False)
+    outcome = pipeline.run(source)
     assert outcome.plausibility is not None and outcome.plausibility >= 0.9
     assert f"lung plausibility {outcome.plausibility:.3f};" in outcome.summary and "IMPLAUSIBLE" not in outcome.summary
     assert (counted("plausible"), counted("implausible")) == (before[0] + 1, before[1])
+    assert not [c for c in comments(outcome) if c.startswith("Quality check")]
+    for picture in pictures(outcome, source, tmp_path):
+        assert amber(picture, picture.shape[0] - picture.shape[1]) == 0  # no warning line in the caption
 
 
 def test_an_inverted_radiograph_is_flagged_and_its_results_are_still_made(pipeline: Pipeline, tmp_path: Path) -> None:
     before = counted("plausible"), counted("implausible")
-    outcome = pipeline.run(radiograph(tmp_path, invert=True))
+    source = radiograph(tmp_path, invert=True)
+    outcome = pipeline.run(source)
     assert outcome.plausibility is not None and outcome.plausibility < 0.5
     assert f"lung plausibility {outcome.plausibility:.3f} < 0.5: IMPLAUSIBLE, check the overlay" in outcome.summary
     assert (counted("plausible"), counted("implausible")) == (before[0], before[1] + 1)
-    assert {r.kind for r in outcome.results} >= {"seg", "sr"}  # made and kept for a person to look at
+    assert {r.kind for r in outcome.results} == {"seg", "sr", "sc"}  # made and kept for a person to look at
+    # the radiologist is told, in the SR beside the TB score and burned into the pictures
+    warning = (f"Quality check: lung segmentation implausible (plausibility {outcome.plausibility:.2f} < 0.5): "
+               "do not rely on the lung outlines or the TB score")
+    assert warning in comments(outcome)
+    assert dciodvfy_errors(outcome.result("sr").data) == []
+    for picture in pictures(outcome, source, tmp_path):
+        assert amber(picture, picture.shape[0] - picture.shape[1]) > 200  # the warning, in amber, in the caption
 
 
 class _Flagged:
