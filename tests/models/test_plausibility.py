@@ -53,3 +53,18 @@ def test_the_dataset_export_scores_pseudo_labels_with_the_same_function(real_mas
 
     # the export's default cut for its pseudo-labels is the evaluation's cut for implausible cases
     assert DatasetSettings().min_pseudo_quality == plausibility.PLAUSIBLE
+
+
+def test_a_large_analysis_is_checked_on_a_subsample_with_the_same_verdict(real_masks):
+    from PIL import Image
+
+    mask = real_masks[0]
+    big = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((2048, 2048), Image.Resampling.NEAREST)) > 127
+    lungs = transforms.split_lungs(big)
+    analysis = LungAnalysis(lung_mask=lungs.lung, image_left=lungs.image_left, image_right=lungs.image_right,
+                            tb_score=0.5, segmenter=None, tb_model=None)  # type: ignore[arg-type]
+    full = lung_plausibility(lungs.image_right, lungs.image_left)
+    assert abs(analysis_plausibility(analysis) - full) <= 0.01 and full >= 0.9
+    broken = LungAnalysis(lung_mask=lungs.lung, image_left=lungs.image_left, image_right=np.zeros_like(big),
+                          tb_score=0.5, segmenter=None, tb_model=None)  # type: ignore[arg-type]
+    assert analysis_plausibility(broken) == 0.0  # a missing lung is missing at any sampling
