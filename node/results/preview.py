@@ -47,7 +47,7 @@ def result_preview(source_path: Path, seg_path: Path, sr_path: Path, max_side: i
 
 
 def _tb_finding(sr_path: Path) -> tuple[float, str, list[str]]:
-    """(TB score, screening result, the "Quality check: ..." comments) of the SR's TB group."""
+    """(TB score, screening result, the "Quality check: ..." warnings in its comments) of the SR's TB group."""
     sr = hd.sr.srread(sr_path)
     for group in sr.content.get_image_measurement_groups():
         if group.finding_type != TUBERCULOSIS:
@@ -55,8 +55,9 @@ def _tb_finding(sr_path: Path) -> tuple[float, str, list[str]]:
         (score,) = group.get_measurements(name=TB_SCORE)
         evaluations = group.get_qualitative_evaluations(name=TB_SCREENING_RESULT)
         result = evaluations[0].value.meaning if evaluations else "no result"
-        checks = [str(item.TextValue) for item in group[0].get("ContentSequence", [])
-                  if item.ConceptNameCodeSequence[0].CodeValue == COMMENT.value
-                  and str(item.get("TextValue", "")).startswith(QUALITY_CHECK)]
+        texts = [str(item.get("TextValue", "")) for item in group[0].get("ContentSequence", [])
+                 if item.ConceptNameCodeSequence[0].CodeValue == COMMENT.value]
+        # "TB score ...: Abnormal. Quality check: ..." (the warning follows the score in its Comment)
+        checks = [text[text.index(QUALITY_CHECK):] for text in texts if QUALITY_CHECK in text]
         return float(np.float64(score.value)), str(result), checks
     raise ValueError("the SR has no TB screening group")

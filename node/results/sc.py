@@ -45,7 +45,7 @@ def build_secondary_capture(
 
     UIDs derive from the source, both algorithms and the threshold, like the SR's.
     ``quality_warning`` (the segmentation failed the plausibility check): a caption line
-    "Quality check: ..." (the SR's Comment) right below the TB score's, wrapped to the width.
+    "Quality check: ..." (as in the SR's TB score Comment) right below the TB score's, wrapped to the width.
 
     Raises:
         ValueError: masks or pixels of the wrong shape, a score or threshold outside [0, 1].

@@ -21,10 +21,12 @@ Content (``ContentSequence`` of the root ``Imaging Measurement Report``):
     Normal (a named concept of its own: "Finding" is already the finding
     type's concept name);
   - TEXT DCM 121106 "Comment" "TB score 0.73 (threshold 0.5): Abnormal", the
-    line viewers list (OHIF shows comments, not CODE items);
+    line viewers list (OHIF shows comments, not CODE items); when the lung
+    segmentation failed the node's plausibility check (:mod:`models.plausibility`),
+    the same Comment goes on with ". Quality check: ..." (OHIF v3 shows only the
+    first Comment of a group, as the measurement's label: a second Comment would
+    not be seen, and one before the score's would hide the score);
   - when areas are left out, a second Comment with the reason;
-  - when the lung segmentation failed the node's plausibility check
-    (:mod:`models.plausibility`), a Comment "Quality check: ..." saying so;
   - TB model identification, with ``threshold=<t>`` as a parameter;
 * per lung, two groups with the same Tracking Unique Identifier (one finding,
   two views of it):
@@ -125,7 +127,8 @@ def build_report(
     report as a Comment). UIDs derive from the source SOP Instance UID, both
     algorithms and the threshold (:func:`node.results.uids.result_uids`).
     ``quality_warning``: why the lungs and the score must not be trusted (the segmentation failed
-    the plausibility check), written as a Comment beside the TB score's.
+    the plausibility check), written into the TB score's Comment after the score:
+    "TB score ...: Abnormal. Quality check: <warning>".
 
     Raises:
         ValueError: score or threshold outside [0, 1]; both or neither of
@@ -258,9 +261,14 @@ def _image_group(
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(TB_SCREENING_RESULT, result)],
         source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)],
     )
+    label = f"TB score {tb_score:.3f} (threshold {threshold:.3f}): {result.meaning}"
+    if quality_warning is not None:
+        # In the score's own Comment: OHIF v3 labels the measurement with the group's first
+        # Comment only, so the warning is read where the score is, or not at all.
+        label = f"{label}. {QUALITY_CHECK} {quality_warning.strip()}"
     group[0].ContentSequence.append(hd.sr.TextContentItem(
         name=COMMENT,
-        value=f"TB score {tb_score:.3f} (threshold {threshold:.3f}): {result.meaning}",
+        value=label[:1024],
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     ))
     if area_omission_reason is not None:
@@ -270,12 +278,6 @@ def _image_group(
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
         group[0].ContentSequence.append(comment)
-    if quality_warning is not None:
-        group[0].ContentSequence.append(hd.sr.TextContentItem(
-            name=COMMENT,
-            value=f"{QUALITY_CHECK} {quality_warning.strip()}"[:1024],
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        ))
     return group
 
 

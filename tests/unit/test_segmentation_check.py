@@ -1,5 +1,6 @@
 """The worker checks every lung segmentation for anatomical plausibility (models.plausibility) and says
-when one fails: to the radiologist in the SR (a "Quality check: ..." Comment) and in the burned-in
+when one fails: to the radiologist in the SR (the TB score's Comment goes on with "Quality check: ...",
+the one Comment OHIF v3 shows, tests/viewer/test_ohif_quality_check.py) and in the burned-in
 caption of the SC and of the admin preview (an amber line), and to the admin in the job's ``infer``
 step, in a warning naming the job, and in ``cxrnode_lung_segmentations_total{plausibility}``. The
 results are still made and kept (nothing is lost), so a person can look at what went wrong.
@@ -88,7 +89,7 @@ def test_a_normal_radiograph_is_plausible(pipeline: Pipeline, tmp_path: Path) ->
     assert outcome.plausibility is not None and outcome.plausibility >= 0.9
     assert f"lung plausibility {outcome.plausibility:.3f};" in outcome.summary and "IMPLAUSIBLE" not in outcome.summary
     assert (counted("plausible"), counted("implausible")) == (before[0] + 1, before[1])
-    assert not [c for c in comments(outcome) if c.startswith("Quality check")]
+    assert not [c for c in comments(outcome) if "Quality check" in c]
     for picture in pictures(outcome, source, tmp_path):
         assert amber(picture, picture.shape[0] - picture.shape[1]) == 0  # no warning line in the caption
 
@@ -101,10 +102,12 @@ def test_an_inverted_radiograph_is_flagged_and_its_results_are_still_made(pipeli
     assert f"lung plausibility {outcome.plausibility:.3f} < 0.5: IMPLAUSIBLE, check the overlay" in outcome.summary
     assert (counted("plausible"), counted("implausible")) == (before[0], before[1] + 1)
     assert {r.kind for r in outcome.results} == {"seg", "sr", "sc"}  # made and kept for a person to look at
-    # the radiologist is told, in the SR beside the TB score and burned into the pictures
+    # the radiologist is told, in the SR's TB score Comment (after the score) and burned into the pictures
     warning = (f"Quality check: lung segmentation implausible (plausibility {outcome.plausibility:.2f} < 0.5): "
                "do not rely on the lung outlines or the TB score")
-    assert warning in comments(outcome)
+    (tb_comment,) = [c for c in comments(outcome) if c.startswith("TB score ")]
+    assert tb_comment.endswith((f"): Abnormal. {warning}", f"): Normal. {warning}")), tb_comment
+    assert [c for c in comments(outcome) if "Quality check" in c] == [tb_comment]  # said once
     assert dciodvfy_errors(outcome.result("sr").data) == []
     for picture in pictures(outcome, source, tmp_path):
         assert amber(picture, picture.shape[0] - picture.shape[1]) > 200  # the warning, in amber, in the caption
