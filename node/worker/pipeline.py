@@ -360,9 +360,12 @@ class Pipeline:
         analysis = serving.analyzer.analyze(view)
         quality = plausibility.analysis_plausibility(analysis)  # on the standard view, as the networks saw it
         metrics.lung_segmentation_checked(quality >= plausibility.PLAUSIBLE)
+        # Not only failures: a real lung much smaller than the other (collapse, resection) scores low too
+        # (2 of the 466 training reference masks), so the words ask for a look, not a verdict.
         warning = None if quality >= plausibility.PLAUSIBLE else (
-            f"lung segmentation implausible (plausibility {quality:.2f} < {plausibility.PLAUSIBLE}): "
-            "do not rely on the lung outlines or the TB score")
+            f"lung segmentation implausible (plausibility {quality:.2f} < {plausibility.PLAUSIBLE}: a lung missing, "
+            "much smaller than the other, fragmented or misplaced): check the lung outlines before relying on "
+            "them or on the TB score")
         inferred = time.perf_counter()
         metrics.observe_stage("inference", inferred - started)
         left, right = patient_sides(ds, analysis)

@@ -103,8 +103,9 @@ def test_an_inverted_radiograph_is_flagged_and_its_results_are_still_made(pipeli
     assert (counted("plausible"), counted("implausible")) == (before[0], before[1] + 1)
     assert {r.kind for r in outcome.results} == {"seg", "sr", "sc"}  # made and kept for a person to look at
     # the radiologist is told, in the SR's TB score Comment (after the score) and burned into the pictures
-    warning = (f"Quality check: lung segmentation implausible (plausibility {outcome.plausibility:.2f} < 0.5): "
-               "do not rely on the lung outlines or the TB score")
+    warning = (f"Quality check: lung segmentation implausible (plausibility {outcome.plausibility:.2f} < 0.5: a lung "
+               "missing, much smaller than the other, fragmented or misplaced): check the lung outlines before "
+               "relying on them or on the TB score")
     (tb_comment,) = [c for c in comments(outcome) if c.startswith("TB score ")]
     assert tb_comment.endswith((f"): Abnormal. {warning}", f"): Normal. {warning}")), tb_comment
     assert [c for c in comments(outcome) if "Quality check" in c] == [tb_comment]  # said once

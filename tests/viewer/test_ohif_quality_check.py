@@ -93,7 +93,7 @@ def test_sr_shows_the_quality_warning_and_the_tb_score(viewer_pacs, drive, inver
     assert_clean(dump)
     assert sorted(labels)[:2] == ["Left lung", "Right lung"] and len(labels) == 3, dump["measurements"]
     # The panel says both: the TB score with its threshold, and that it must not be relied on.
-    for expected in ("TB score ", "(threshold ", QUALITY_CHECK, "implausible", "do not rely on"):
+    for expected in ("TB score ", "(threshold ", QUALITY_CHECK, "implausible", "check the lung outlines"):
         assert expected in text, (expected, text)
     (tb,) = [m for m in dump["measurements"] if m["label"] not in ("Left lung", "Right lung")]
     assert tb["label"].startswith("TB score ") and tb["label"].endswith(warnings[0]), tb  # both, in one label
