@@ -359,10 +359,11 @@ class Pipeline:
         view = standard_view(ds, pixels)
         analysis = serving.analyzer.analyze(view)
         quality = plausibility.analysis_plausibility(analysis)  # on the standard view, as the networks saw it
-        metrics.lung_segmentation_checked(quality >= plausibility.PLAUSIBLE)
+        plausible = quality >= plausibility.PLAUSIBLE
+        metrics.lung_segmentation_checked(plausible)
         # Not only failures: a real lung much smaller than the other (collapse, resection) scores low too
         # (2 of the 466 training reference masks), so the words ask for a look, not a verdict.
-        warning = None if quality >= plausibility.PLAUSIBLE else (
+        warning = None if plausible else (
             f"lung segmentation implausible (plausibility {quality:.2f} < {plausibility.PLAUSIBLE}: a lung missing, "
             "much smaller than the other, fragmented or misplaced): check the lung outlines before relying on "
             "them or on the TB score")
@@ -400,7 +401,7 @@ class Pipeline:
             raise EncodingError(f"results could not be encoded: {type(exc).__name__}: {exc}") from exc
         done = time.perf_counter()
         metrics.observe_stage("encoding", done - inferred)
-        check = "" if quality >= plausibility.PLAUSIBLE else (
+        check = "" if plausible else (
             f" < {plausibility.PLAUSIBLE}: IMPLAUSIBLE, check the overlay and the TB score")
         summary = (f"TB score {analysis.tb_score:.3f} (threshold {threshold:.3f}); "
                    f"lung plausibility {quality:.3f}{check}; "
