@@ -1,4 +1,4 @@
-"""argparse subcommands of ``cxrnode``: ``train segmentation``, ``train tb``, ``evaluate``.
+"""argparse subcommands of ``cxrnode``: ``train segmentation``, ``train tb``, ``calibrate``, ``evaluate``.
 
 :func:`register` only builds parsers; torch and the networks are imported inside the
 handlers, so ``cxrnode`` starts fast for its other commands. Every handler turns bad
@@ -22,7 +22,7 @@ ARCHS = ("unet", "resunet")
 TB_ARCHS = ("smallcnn", "densenet121", "resnet18")
 _TRAIN_FLAGS = ("data", "arch", "epochs", "size", "batch_size", "lr", "seed", "device", "out", "resume", "limit")
 SEG_FLAGS = _TRAIN_FLAGS
-TB_FLAGS = _TRAIN_FLAGS + ("members", "folds", "shift_copies", "p_shift", "shifts", "segmenter_arch", "segmenter_dir")
+TB_FLAGS = _TRAIN_FLAGS + ("members", "folds", "refit", "shift_copies", "p_shift", "shifts", "segmenter_arch", "segmenter_dir")
 #: From-scratch defaults (``--init`` switches epochs and lr to the fine-tune defaults of
 #: :mod:`models.training.finetune`, and arch/size/members to those of the initial weights).
 SCRATCH = {"segmentation": {"size": 256, "lr": 2e-3, "arch": "unet"},
@@ -193,35 +193,114 @@ def _train_segmentation(args: argparse.Namespace) -> int:
                        f"{meta['training']['best_val_dice_network_size']:.4f}")
 
 
+def _tb_config(args: argparse.Namespace, plan: _Plan) -> Any:
+    """The :class:`~models.training.tb.TBConfig` the command line asks for."""
+    from models.training.tb import TBConfig
+
+    return TBConfig(data=args.data, arch=args.arch, members=args.members, epochs=args.epochs, size=args.size,
+                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, out=args.out or "runs/tb",
+                    resume=args.resume, limit=args.limit, segmenter_arch=args.segmenter_arch,
+                    segmenter_dir=args.segmenter_dir, folds=args.folds or 0, shift_copies=args.shift_copies or 0,
+                    p_shift=args.p_shift if args.p_shift is not None else (0.5 if args.shift_copies else 0.0),
+                    shifts=tuple(n.strip() for n in args.shifts.split(",") if n.strip()) if args.shifts else (),
+                    version=plan.version, init=plan.init.as_dict() if plan.init else None, extra=args.extra,
+                    extra_fraction=args.extra_fraction, extra_min_quality=args.extra_min_quality,
+                    network=plan.init.network if plan.init else {},
+                    command=_command_line(["train", "tb"], args, plan.names(TB_FLAGS, args)))
+
+
+def _check_refit(args: argparse.Namespace) -> None:
+    """Refuse ``--refit`` settings whose final step (:func:`models.training.refit.attach_operating_point`)
+    could not succeed, before anything is trained."""
+    if not args.folds:
+        raise _fail("--refit needs --folds K: the threshold and calibration come from a K-fold cross-fit")
+    if args.init is not None:
+        raise _fail("--refit cannot start from --init weights: its cross-fit needs members that never saw "
+                    "their fold")
+    if args.extra is not None:
+        raise _fail("--refit cannot mix in --extra: the operating point is checked and reported on the base "
+                    "training and val splits only")
+    if args.limit is not None:
+        raise _fail("--refit cannot use --limit: the operating point is checked against the full training split")
+    if args.members is not None and args.members < 1:
+        raise _fail(f"--refit --members {args.members}: the refit needs at least one member")
+
+
+def _train_refit(cfg: Any) -> dict[str, Any]:
+    """``--refit``: the K-fold cross-fit into OUT/cross-fit, the refit of ``cfg.members`` members on
+    every training case into OUT/refit (same recipe and seed), then OUT/tb-scorer.*: the refit's
+    networks with the cross-fit's calibration and threshold. Returns the final sidecar."""
+    from dataclasses import replace
+
+    from models import registry
+    from models.training import tb
+    from models.training.finetune import check_version
+    from models.training.refit import attach_operating_point
+
+    out = Path(cfg.out)
+    cross_fit = replace(cfg, out=str(out / "cross-fit"), members=cfg.folds,
+                        version=check_version(f"{cfg.version}-cross-fit"))
+    refit = replace(cfg, out=str(out / "refit"), folds=0, version=check_version(f"{cfg.version}-refit"))
+    tb.train(cross_fit)
+    tb.train(refit)
+    registry.clear_cache()  # the refit's weights were just (re)written
+    return attach_operating_point(Path(refit.out), Path(cross_fit.out), cfg.data, out, version=cfg.version,
+                                  device=cfg.device, segmenter_dir=Path(cfg.segmenter_dir) if cfg.segmenter_dir else None,
+                                  command=cfg.command)
+
+
 def _train_tb(args: argparse.Namespace) -> int:
     _check_data(args.data)
-    if args.folds:  # one member per fold; TBConfig's check_folds refuses other fold settings
+    if args.refit:
+        _check_refit(args)
+    if args.folds:  # one member per fold (with --refit: --members is the refit's); check_folds refuses the rest
         if args.init:  # before _Plan, which would first complain about the initial weights' member count
             raise _fail("--folds cannot start from --init weights: they have seen every training case, "
                         "so no score would be out of fold")
         if args.members is None:
             args.members = args.folds
     plan = _Plan(args, "tb")
-    from models.training.tb import TBConfig, train
+    from models.training.tb import train
 
-    cfg = TBConfig(data=args.data, arch=args.arch, members=args.members, epochs=args.epochs, size=args.size,
-                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, out=args.out or "runs/tb",
-                   resume=args.resume, limit=args.limit, segmenter_arch=args.segmenter_arch,
-                   segmenter_dir=args.segmenter_dir, folds=args.folds or 0, shift_copies=args.shift_copies or 0,
-                   p_shift=args.p_shift if args.p_shift is not None else (0.5 if args.shift_copies else 0.0), shifts=tuple(n.strip() for n in args.shifts.split(",") if n.strip())
-                   if args.shifts else (), version=plan.version,
-                   init=plan.init.as_dict() if plan.init else None, extra=args.extra,
-                   extra_fraction=args.extra_fraction, extra_min_quality=args.extra_min_quality,
-                   network=plan.init.network if plan.init else {},
-                   command=_command_line(["train", "tb"], args, plan.names(TB_FLAGS, args)))
-    meta = train(cfg)
+    cfg = _tb_config(args, plan)
+    meta = _train_refit(cfg) if args.refit else train(cfg)
     t = meta["training"]
+    n = meta["members"]
+    refit = (f"; a refit: the {n} member{'s' if n != 1 else ''} of {Path(cfg.out) / 'refit'}, trained on every training "
+             f"case, with the operating point of the {cfg.folds}-fold cross-fit in {Path(cfg.out) / 'cross-fit'}"
+             if args.refit else "")
     return plan.finish(args, meta, cfg.out,
                        f"wrote {Path(cfg.out) / meta['weights_file']} ({meta['name']} {meta['version']}, sha256 "
                        f"{meta['sha256'][:12]}…); val AUC {t['val_auc']}, threshold {meta['threshold']:.4f}"
                        + (f" (chosen out of fold: AUC {t['cross_fit']['oof']['auc']:.3f}, sensitivity "
                           f"{t['cross_fit']['oof']['sensitivity']:.3f}, specificity {t['cross_fit']['oof']['specificity']:.3f}; "
-                          f"calibrated, ECE {t['cross_fit']['oof']['ece']:.3f})" if t.get("cross_fit") else ""))
+                          f"calibrated, ECE {t['cross_fit']['oof']['ece']:.3f})" if t.get("cross_fit") else "")
+                       + refit)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    _check_data(args.data)
+    from models.training.finetune import check_version
+    from models.training.refit import attach_operating_point
+
+    command = _command_line(["calibrate"], args, ("scorer", "cross_fit", "data", "device", "segmenter_dir", "out", "version"))
+    meta = attach_operating_point(Path(args.scorer), Path(args.cross_fit), args.data, Path(args.out),
+                                  version=check_version(args.version), device=args.device,
+                                  segmenter_dir=Path(args.segmenter_dir) if args.segmenter_dir else None,
+                                  command=command)
+    t = meta["training"]
+    if args.json:
+        print(json.dumps(_strict({"weights": str(Path(args.out) / meta["weights_file"]), "name": meta["name"],
+                                  "version": meta["version"], "sha256": meta["sha256"], "threshold": meta["threshold"],
+                                  "calibration": meta["calibration"], "val": t["val"], "cross_fit": t["cross_fit"]}),
+                         indent=2, sort_keys=True))
+        return 0
+    val = t["val"]["base"]
+    print(f"wrote {Path(args.out) / meta['weights_file']} ({meta['name']} {meta['version']}: the networks of "
+          f"{t['operating_point']['networks']['version']}, threshold {meta['threshold']:.4f} and calibration from "
+          f"{t['operating_point']['refit_of']['version']}); val AUC {val['auc']}, sensitivity {val['sensitivity']}, "
+          f"specificity {val['specificity']}, ECE {t['cross_fit'].get('val_ece')}")
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -273,7 +352,7 @@ def _common_train(p: argparse.ArgumentParser, epochs: int | None, size: int, bat
 
 
 def register(subparsers: Any) -> None:
-    """Add ``train`` (``segmentation``, ``tb``) and ``evaluate`` to an argparse subparsers object."""
+    """Add ``train`` (``segmentation``, ``tb``), ``calibrate`` and ``evaluate`` to an argparse subparsers object."""
     train = subparsers.add_parser("train", help="train a lung segmenter or the TB scorer")
     tsub = train.add_subparsers(dest="train_what", metavar="{segmentation,tb}", required=True)
     seg = tsub.add_parser("segmentation", help="train a lung segmenter")
@@ -295,6 +374,10 @@ def register(subparsers: Any) -> None:
                     help="cross-fitting: K members, member k trained without fold k of the training split; the "
                          "out-of-fold scores fit the score's calibration and choose the threshold, so the val "
                          "split chooses nothing (implies --members K)")
+    tb.add_argument("--refit", action="store_true",
+                    help="with --folds K: after the cross-fit (OUT/cross-fit), train the members again on every "
+                         "training case by the same recipe (OUT/refit; --members M, default K) and write to OUT "
+                         "the refit's networks with the cross-fit's calibration and threshold (as cxrnode calibrate)")
     tb.add_argument("--shift-copies", type=int, default=None, metavar="N",
                     help="acquisition-shift augmentation: N shifted versions of each training image (raw image -> "
                          "shift -> segmenter -> crop, as the node sees it), precomputed once (default 0: off)")
@@ -306,6 +389,21 @@ def register(subparsers: Any) -> None:
     tb.add_argument("--segmenter-arch", choices=ARCHS, default="unet", help="segmenter that finds the lungs")
     tb.add_argument("--segmenter-dir", help="folder holding that segmenter's weights (default: shipped)")
     tb.set_defaults(func=_guard(_train_tb))
+    cal = subparsers.add_parser(
+        "calibrate", help="give a TB scorer trained on every training case the calibration and threshold of a "
+                          "cross-fitted run of the same recipe (a refit)")
+    cal.add_argument("--scorer", required=True, metavar="DIR",
+                     help="folder with the refit tb-scorer.* (train tb without --folds)")
+    cal.add_argument("--cross-fit", required=True, metavar="DIR",
+                     help="folder with the cross-fitted run's tb-scorer.* (train tb --folds K, same recipe)")
+    cal.add_argument("--data", required=True, help="folder with index.csv: the training split is checked, the "
+                                                   "val split reported at the threshold (it chooses nothing)")
+    cal.add_argument("--out", required=True, metavar="DIR", help="where the recalibrated tb-scorer.* go")
+    cal.add_argument("--version", required=True, help="the new model's version")
+    cal.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    cal.add_argument("--segmenter-dir", help="folder holding the segmenter the scorer was trained with (default: shipped)")
+    cal.add_argument("--json", action="store_true", help="print JSON instead of a line")
+    cal.set_defaults(func=_guard(_calibrate))
     ev = subparsers.add_parser("evaluate", help="evaluate the shipped models on a data folder")
     ev.add_argument("--data", required=True, help="folder with index.csv")
     ev.add_argument("--split", help="evaluate only this split (default: all cases)")

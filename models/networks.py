@@ -175,5 +175,9 @@ class Calibrated(nn.Module):
         self.slope = float(slope)
         self.intercept = float(intercept)
 
+    def extra_repr(self) -> str:
+        # in the repr, so anything keyed on it (the ONNX cache's module digest) tells calibrations apart
+        return f"slope={self.slope!r}, intercept={self.intercept!r}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x) * self.slope + self.intercept

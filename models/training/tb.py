@@ -303,7 +303,7 @@ def train(cfg: TBConfig) -> dict[str, Any]:
         done, member, start = resume_state["done"], resume_state["member"], resume_state["epoch"] + 1
         initial_report = resume_state.get("initial_report")
     elif init is not None:  # the starting point, for comparison: the initial ensemble on the val sets
-        initial = finetune.build_initial(init).to(device)
+        initial = registry.calibrate(finetune.build_initial(init), init.meta).to(device)  # as the node scores it
         initial_report, _, _ = tb_report(initial, val_sets, device, float(init.meta["threshold"]))
         log.write({"member": 0, "epoch": 0, "val": initial_report, "init": init.ref, "seconds": 0.0})
         tqdm.write(f"initial weights {init.ref}: val AUC {initial_report[mix.BASE]['auc']}", file=sys.stderr)
