@@ -21,9 +21,10 @@ Metrics are ``prometheus_client`` objects in its default registry (which also ca
   segmentation passed the anatomical plausibility check (:mod:`models.plausibility`): ``plausible``
   or ``implausible`` (a missing or misplaced lung, fragments, the whole image: an overlay a person
   must not trust; the job's ``infer`` step says so too);
-- ``cxrnode_model_info{architecture,device,segmenter,segmenter_version,segmenter_sha256,
-  tb_model,tb_model_version,tb_model_sha256}``: the loaded networks (processes that work, once
-  loaded);
+- ``cxrnode_model_info{architecture,device,runtime,segmenter,segmenter_version,segmenter_sha256,
+  tb_model,tb_model_version,tb_model_sha256,tb_threshold}``: the loaded networks, how they run
+  (``torch`` or ``onnx``) and the TB operating threshold in use (the model's own, or
+  ``[worker] tb_threshold``) (processes that work, once loaded);
 - ``cxrnode_build_info{version,role}``: role ``serve``, ``listener`` or ``worker``;
 - read at scrape time, by listening processes only: ``cxrnode_jobs{state}`` (jobs per state),
   ``cxrnode_oldest_waiting_job_age_seconds`` (oldest job not finished; 0: none),
@@ -224,13 +225,15 @@ REGISTRY.register(MODEL_INFO)
 
 
 @_never_raises
-def models_loaded(architecture: str, analyzer: Any) -> None:
-    """The worker loaded ``analyzer`` (a :class:`models.inference.LungAnalyzer`) for ``architecture``."""
+def models_loaded(architecture: str, analyzer: Any, tb_threshold: float) -> None:
+    """The worker loaded ``analyzer`` (a :class:`models.inference.LungAnalyzer`) for ``architecture``
+    and calls a TB score abnormal from ``tb_threshold`` (written as the SR's parameter is)."""
     seg, tb = analyzer.segmenter_identity, analyzer.tb_identity
     MODEL_INFO.labels = {
-        "architecture": architecture, "device": str(analyzer.device),
+        "architecture": architecture, "device": str(analyzer.device), "runtime": str(analyzer.runtime),
         "segmenter": seg.name, "segmenter_version": seg.version, "segmenter_sha256": seg.sha256,
         "tb_model": tb.name, "tb_model_version": tb.version, "tb_model_sha256": tb.sha256,
+        "tb_threshold": f"{tb_threshold:g}",
     }
 
 

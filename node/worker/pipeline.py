@@ -228,8 +228,9 @@ class Pipeline:
         log.info("models loaded on %s (%s): %s (%s %s) and %s from %s", analyzer.device,
                  "onnxruntime, CPU provider" if analyzer.runtime == "onnx" else "torch", analyzer.refs[0], seg.name,
                  seg.version, analyzer.refs[1], registry.root)
-        metrics.models_loaded(arch, analyzer)
-        return cls(settings, analyzer, device, registry=registry, registry_token=token)
+        pipeline = cls(settings, analyzer, device, registry=registry, registry_token=token)
+        metrics.models_loaded(arch, analyzer, pipeline.tb_threshold)
+        return pipeline
 
     def refresh(self) -> bool:
         """Between jobs: load the registry's champions if a promotion or rollback changed them.
@@ -264,7 +265,7 @@ class Pipeline:
             if now != was:
                 log.info("models: now %s (was %s)", now, was)
         self._use(analyzer)
-        metrics.models_loaded(analyzer.segmenter_arch, analyzer)
+        metrics.models_loaded(analyzer.segmenter_arch, analyzer, self.tb_threshold)
         return True
 
     def _load_shadow(self) -> None:

@@ -97,10 +97,12 @@ def send(port: int, datasets: list[Dataset], calling: str = "MODALITY") -> list[
 
 def expected_model_labels() -> dict[str, str]:
     seg = registry.identity_of(registry.read_meta(registry.SEGMENTER_FILES["unet"]))
-    tb = registry.identity_of(registry.read_meta(registry.TB_FILE))
-    return {"architecture": "unet", "device": "cpu",
+    tb_meta = registry.read_meta(registry.TB_FILE)
+    tb = registry.identity_of(tb_meta)
+    return {"architecture": "unet", "device": "cpu", "runtime": "torch",
             "segmenter": seg.name, "segmenter_version": seg.version, "segmenter_sha256": seg.sha256,
-            "tb_model": tb.name, "tb_model_version": tb.version, "tb_model_sha256": tb.sha256}
+            "tb_model": tb.name, "tb_model_version": tb.version, "tb_model_sha256": tb.sha256,
+            "tb_threshold": f"{float(tb_meta['threshold']):g}"}  # the shipped scorer's own: no tb_threshold set
 
 
 def model_info(found: Samples) -> list[dict[str, str]]:

@@ -195,16 +195,17 @@ def test_readyz_waits_for_the_models_of_a_worker(tmp_path: Path) -> None:
         assert status == 503 and json.loads(body)["failed"] == ["models"], body
         assert "cxrnode_model_info" not in get(worker.url + "/metrics")[1]
         analyzer = SimpleNamespace(
-            device="cpu", segmenter_identity=SimpleNamespace(name="lung-unet", version="1", sha256="a" * 64),
+            device="cpu", runtime="onnx",
+            segmenter_identity=SimpleNamespace(name="lung-unet", version="1", sha256="a" * 64),
             tb_identity=SimpleNamespace(name="tb-scorer", version="2", sha256="b" * 64))
-        metrics.models_loaded("unet", analyzer)
+        metrics.models_loaded("unet", analyzer, 0.27637559175491333)
         assert get(worker.url + "/readyz")[0] == 200
         found = samples(get(worker.url + "/metrics")[1])
         info = [labels for (name, labels) in found if name == "cxrnode_model_info"]
         assert info == [tuple(sorted({
-            "architecture": "unet", "device": "cpu", "segmenter": "lung-unet", "segmenter_version": "1",
-            "segmenter_sha256": "a" * 64, "tb_model": "tb-scorer", "tb_model_version": "2",
-            "tb_model_sha256": "b" * 64}.items()))]
+            "architecture": "unet", "device": "cpu", "runtime": "onnx", "segmenter": "lung-unet",
+            "segmenter_version": "1", "segmenter_sha256": "a" * 64, "tb_model": "tb-scorer", "tb_model_version": "2",
+            "tb_model_sha256": "b" * 64, "tb_threshold": "0.276376"}.items()))]
         # A worker does not export the queue's gauges (the listener does: no double counting).
         assert not any(name.startswith("cxrnode_jobs") for name, _ in found)
         assert found[("cxrnode_build_info", (("role", "worker"), ("version", "0.1.0")))] == 1

@@ -124,3 +124,21 @@ def test_a_pipeline_built_with_an_analyzer_keeps_it(settings, radiograph: Path) 
     assert pipeline.refresh() is False and pipeline.analyzer is analyzer and pipeline.registry is None
     assert identities(pipeline.run(radiograph))["seg"][0] == "cxrnode-lung-resunet"
     assert np.isfinite(pipeline.tb_threshold)
+
+
+@pytest.mark.parametrize("configured, expected", [(None, f"{float(SHIPPED_TB['threshold']):g}"), ("0.4", "0.4")])
+def test_the_model_info_names_the_runtime_and_the_threshold_in_use(
+        tmp_path: Path, configured: str | None, expected: str) -> None:
+    """What an admin reads in Prometheus: the operating threshold the SRs are written with (the TB
+    scorer's own, or [worker] tb_threshold), and whether the networks run in torch or ONNX."""
+    env = {"CXRNODE_NODE_DATA_DIR": str(tmp_path / "var"), "CXRNODE_WORKER_DEVICE": "cpu"}
+    if configured is not None:
+        env["CXRNODE_WORKER_TB_THRESHOLD"] = configured
+    previous = metrics.loaded_models()
+    try:
+        pipeline = Pipeline.load(load_settings(REPO / "config" / "cxrnode.toml", env=env))
+        info = metrics.loaded_models()
+        assert info["tb_threshold"] == expected == f"{pipeline.tb_threshold:g}"
+        assert info["runtime"] == "torch" and info["tb_model_version"] == SHIPPED_TB["version"]
+    finally:
+        metrics.MODEL_INFO.labels = previous
