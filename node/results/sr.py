@@ -20,13 +20,16 @@ Content (``ContentSequence`` of the root ``Imaging Measurement Report``):
     SCT 263654008 Abnormal when score >= threshold, else SCT 17621005
     Normal (a named concept of its own: "Finding" is already the finding
     type's concept name);
-  - TEXT DCM 121106 "Comment" "TB score 0.73 (threshold 0.5): Abnormal", the
-    line viewers list (OHIF shows comments, not CODE items); when the lung
-    segmentation failed the node's plausibility check (:mod:`models.plausibility`),
-    the same Comment goes on with ". Quality check: ..." (OHIF v3 shows only the
-    first Comment of a group, as the measurement's label: a second Comment would
-    not be seen, and one before the score's would hide the score);
-  - when areas are left out, a second Comment with the reason;
+  - exactly one TEXT DCM 121106 "Comment", the line viewers list (OHIF shows
+    comments, not CODE items): "TB score 0.730 (threshold 0.500): Abnormal", going
+    on, when the lung areas are left out (no usable pixel spacing), with
+    ". Lung areas not reported: <reason>" and, when the lung segmentation failed
+    the node's plausibility check (:mod:`models.plausibility`), with
+    ". Quality check: ..." last (so that ``text[text.index(QUALITY_CHECK):]`` is
+    the whole warning). One Comment because OHIF v3 shows only the first Comment
+    of a group, as the measurement's label: a second Comment would not be seen,
+    and one before the score's would hide the score. At most 1024 characters
+    (a longer text loses its tail, never the score);
   - TB model identification, with ``threshold=<t>`` as a parameter;
 * per lung, two groups with the same Tracking Unique Identifier (one finding,
   two views of it):
@@ -123,12 +126,14 @@ def build_report(
     encodes (keys ``"left"`` and ``"right"``, the patient's), outlined in the
     report. Give either ``areas_mm2``
     (keys ``"left"`` and ``"right"``, the patient's) or, when the header has
-    no usable pixel spacing, ``area_omission_reason`` (written into the
-    report as a Comment). UIDs derive from the source SOP Instance UID, both
+    no usable pixel spacing, ``area_omission_reason``, written into the TB
+    score's Comment after the score: "TB score ...: Abnormal. Lung areas not
+    reported: <reason>". UIDs derive from the source SOP Instance UID, both
     algorithms and the threshold (:func:`node.results.uids.result_uids`).
     ``quality_warning``: why the lungs and the score must not be trusted (the segmentation failed
-    the plausibility check), written into the TB score's Comment after the score:
-    "TB score ...: Abnormal. Quality check: <warning>".
+    the plausibility check), written into the same Comment, last:
+    "TB score ...: Abnormal[. Lung areas not reported: <reason>]. Quality check: <warning>".
+    The TB group has that one Comment and no other (OHIF v3 shows only a group's first).
 
     Raises:
         ValueError: score or threshold outside [0, 1]; both or neither of
@@ -261,24 +266,29 @@ def _image_group(
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(TB_SCREENING_RESULT, result)],
         source_images=[hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)],
     )
-    label = f"TB score {tb_score:.3f} (threshold {threshold:.3f}): {result.meaning}"
-    if quality_warning is not None:
-        # In the score's own Comment: OHIF v3 labels the measurement with the group's first
-        # Comment only, so the warning is read where the score is, or not at all.
-        label = f"{label}. {QUALITY_CHECK} {quality_warning.strip()}"
     group[0].ContentSequence.append(hd.sr.TextContentItem(
         name=COMMENT,
-        value=label[:1024],
+        value=_tb_comment(tb_score, threshold, result.meaning, area_omission_reason, quality_warning),
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     ))
-    if area_omission_reason is not None:
-        comment = hd.sr.TextContentItem(
-            name=COMMENT,
-            value=f"Lung areas not reported: {area_omission_reason.strip()}"[:1024],
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        )
-        group[0].ContentSequence.append(comment)
     return group
+
+
+def _tb_comment(tb_score: float, threshold: float, result: str, area_omission_reason: str | None,
+                quality_warning: str | None) -> str:
+    """The TB group's one Comment: the score, then why the areas are missing, then the quality check.
+
+    All in one because OHIF v3 labels the measurement with the group's first Comment only: whatever
+    is not in it is shown nowhere. The quality check goes last so that it reads to the end of the
+    text (``text[text.index(QUALITY_CHECK):]``, as :mod:`node.results.preview` takes it). Cut to
+    1024 characters, the limit kept for TEXT values; the score comes first and is never cut.
+    """
+    parts = [f"TB score {tb_score:.3f} (threshold {threshold:.3f}): {result}"]
+    if area_omission_reason is not None:
+        parts.append(f"Lung areas not reported: {area_omission_reason.strip().rstrip('.')}")
+    if quality_warning is not None:
+        parts.append(f"{QUALITY_CHECK} {quality_warning.strip()}")
+    return ". ".join(parts)[:1024]
 
 
 def _lung_group(

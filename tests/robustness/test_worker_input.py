@@ -11,6 +11,7 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
+from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_fragmented_frames
@@ -30,6 +31,7 @@ from node.dicom import Status
 from node.queue.tables import Job
 from tests.dicom_factory import dcmtk_compress, make_cr, make_dx, make_multiframe, montgomery_case
 from tests.robustness.harness import LocalNode, PeakRss
+from tests.validation import dciodvfy_errors
 
 IMAGE, _ = montgomery_case()
 SIZE = (512, 512)
@@ -126,14 +128,39 @@ def test_4096_square_16_bit_is_processed_with_sane_memory(node: LocalNode) -> No
     assert node.echo()
 
 
-def test_no_pixel_spacing_gives_results_without_areas(node: LocalNode) -> None:
-    job = received_and_processed(node, make_cr(IMAGE, size=SIZE, pixel_spacing=None))
+NO_SPACING_REASON = "Lung areas not reported: no usable Imager Pixel Spacing or Pixel Spacing in the source image"
+
+
+def tb_comments(sr: hd.sr.Comprehensive3DSR) -> list[str]:
+    """The TEXT Comments (DCM 121106) of the SR's TB group, in order."""
+    (group,) = [g for g in sr.content.get_image_measurement_groups() if g.finding_type.value == "56717001"]
+    return [str(item.TextValue) for item in group[0].ContentSequence
+            if item.ConceptNameCodeSequence[0].CodeValue == "121106"]
+
+
+@pytest.mark.parametrize("case", ["cr", "dx", "dx-inverted"])
+def test_no_pixel_spacing_gives_results_without_areas(node: LocalNode, case: str) -> None:
+    if case == "cr":
+        ds = make_cr(IMAGE, size=SIZE, pixel_spacing=None)
+    else:  # a DX without Imager Pixel Spacing (Type 1 there, but such headers occur); inverted: implausible lungs
+        pixels = np.asarray(Image.open(IMAGE).convert("L"))
+        ds = make_dx(255 - pixels if case == "dx-inverted" else pixels, size=SIZE, pixel_spacing=None)
+    job = received_and_processed(node, ds)
     assert job.status == "done", job.last_error
+    data = node.archive.read(job.result("sr").path)
+    assert dciodvfy_errors(data) == []
     sr = hd.sr.srread(node.archive.path(job.result("sr").path))
     for group in sr.content.get_planar_roi_measurement_groups():
         assert [m for m in group.get_measurements() if m.name.meaning == "Area"] == []
-    text = node.archive.read(job.result("sr").path)
-    assert b"Lung areas not reported: no usable Imager Pixel Spacing or Pixel Spacing" in text
+    # One Comment in the TB group (OHIF v3 shows only a group's first): the score, then why no areas.
+    (comment,) = tb_comments(sr)
+    assert comment.startswith(f"TB score {job.tb_score:.3f} (threshold "), comment
+    assert f"): Abnormal. {NO_SPACING_REASON}" in comment or f"): Normal. {NO_SPACING_REASON}" in comment, comment
+    if case == "dx-inverted":
+        assert comment.endswith("check the lung outlines before relying on them or on the TB score"), comment
+        assert f"{NO_SPACING_REASON}. Quality check: lung segmentation implausible" in comment, comment
+    else:
+        assert comment.endswith(NO_SPACING_REASON), comment
 
 
 def test_random_pixels_of_the_right_length_are_processed(node: LocalNode) -> None:

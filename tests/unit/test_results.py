@@ -310,12 +310,43 @@ class TestReport:
             assert outline_group.roi is not None and outline_group.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
             assert segment_group.referenced_segmentation_frame is not None
             assert outline_group.tracking_uid == segment_group.tracking_uid
-        comments = sorted(item.TextValue for item in find_items(sr, COMMENT.value))
-        assert len(comments) == 2 and NO_SPACING in comments[0]
-        assert comments[1] == "TB score 0.120 (threshold 0.500): Normal"
+        # one Comment, the TB score's, which says why the areas are missing (OHIF shows only a group's first)
+        (comment,) = [item.TextValue for item in find_items(sr, COMMENT.value)]
+        assert comment == f"TB score 0.120 (threshold 0.500): Normal. Lung areas not reported: {NO_SPACING}"
         (image_group,) = sr.content.get_image_measurement_groups()
         (screening,) = image_group.get_qualitative_evaluations(name=TB_SCREENING_RESULT)
         assert screening.value == codes.SCT.Normal
+
+    @pytest.mark.parametrize("warning", [None, "lung segmentation implausible: check the lung outlines"])
+    def test_dx_without_spacing_has_one_comment_with_score_reason_and_warning(self, warning: str | None) -> None:
+        source = make_dx(np.tile(np.linspace(0, 255, 256), (256, 1)), size=None, pixel_spacing=None)
+        left, right = ellipse_masks(source.Rows, source.Columns)
+        seg = build_segmentation(source, left, right, ALGORITHMS.segmenter)
+        sr = build_report(
+            source, seg, tb_score=0.73, threshold=0.28, lung_masks={"left": left, "right": right},
+            areas_mm2=None, area_omission_reason=f" {NO_SPACING}. ", algorithms=ALGORITHMS, quality_warning=warning,
+        )
+        assert_valid(sr)
+        (image_group,) = hd.sr.srread(io.BytesIO(reread(sr))).content.get_image_measurement_groups()
+        comments = [str(item.TextValue) for item in image_group[0].ContentSequence
+                    if item.ConceptNameCodeSequence[0].CodeValue == COMMENT.value]
+        expected = f"TB score 0.730 (threshold 0.280): Abnormal. Lung areas not reported: {NO_SPACING}"
+        if warning is not None:
+            expected += f". Quality check: {warning}"
+        assert comments == [expected]
+        assert [item.TextValue for item in find_items(sr, COMMENT.value)] == [expected]  # no other Comment at all
+
+    def test_the_one_comment_keeps_within_1024_characters_and_keeps_the_score(self, small_dx: Dataset) -> None:
+        left, right = ellipse_masks(small_dx.Rows, small_dx.Columns)
+        seg = build_segmentation(small_dx, left, right, ALGORITHMS.segmenter)
+        sr = build_report(
+            small_dx, seg, tb_score=0.2, threshold=0.5, lung_masks={"left": left, "right": right},
+            areas_mm2=None, area_omission_reason="r" * 800, algorithms=ALGORITHMS, quality_warning="w" * 800,
+        )
+        (comment,) = [str(item.TextValue) for item in find_items(sr, COMMENT.value)]
+        assert len(comment) == 1024
+        assert comment.startswith("TB score 0.200 (threshold 0.500): Normal. Lung areas not reported: rrr")
+        assert_valid(sr)
 
     def test_algorithm_identity_and_threshold_are_recorded(self, nema_case: dict) -> None:
         texts = [item.TextValue for item in find_items(nema_case["sr"], "111002")]  # Algorithm Parameters
