@@ -102,8 +102,12 @@ class _Plan:
         scratch = SCRATCH[kind]
         if args.init is not None:
             self.init = finetune.resolve_init(args.init, kind, arch=args.arch, registry_=self.registry)
-            finetune.check_compatible(self.init, arch=args.arch, size=args.size, members=getattr(args, "members", None))
-            args.arch, args.size = self.init.arch, self.init.size
+            # a segmenter is fully convolutional: it may be fine-tuned at another input size
+            finetune.check_compatible(self.init, arch=args.arch, size=args.size if kind == "tb" else None,
+                                      members=getattr(args, "members", None))
+            args.arch = self.init.arch
+            if kind == "tb" or args.size is None:
+                args.size = self.init.size
             if kind == "tb":
                 args.members = self.init.members
             if args.epochs is None:
@@ -332,7 +336,7 @@ def _common_train(p: argparse.ArgumentParser, epochs: int | None, size: int, bat
     ft.add_argument("--init", metavar="REF|PATH|shipped|champion",
                     help="start from existing weights (fine-tuning): the shipped weights, the model registry's champion, "
                          "a registry reference such as lung-unet@1.0.0, or a folder (or .json) with weights and sidecar; "
-                         "keeps their architecture and input size")
+                         "keeps their architecture (and, TB, input size; a segmenter may take another --size)")
     ft.add_argument("--extra", metavar="DIR", help="an exported set (DIR/index.csv, cxrnode dataset export) mixed into "
                                                    "training; its val rows are validated and reported on their own")
     ft.add_argument("--extra-fraction", type=float, default=0.3, metavar="P",

@@ -10,8 +10,10 @@
 
 The weights are verified (sha256 against the sidecar and ``SHA256SUMS``) and loaded into a fresh
 network, never into the node's cached copy. Fine-tuning keeps the architecture, the network
-settings, the input size and (TB) the number of ensemble members of the initial weights: a
-different ``--arch``, ``--size`` or ``--members`` is refused. Unless given, epochs and learning
+settings and (TB) the input size and the number of ensemble members of the initial weights: a
+different ``--arch``, ``--members`` or TB ``--size`` is refused. A segmenter may change its input
+size (``--size``; the networks are fully convolutional, so the same weights apply at another
+resolution and fine-tuning adapts them: a multi-scale start for a larger network size). Unless given, epochs and learning
 rate take the fine-tune defaults (:data:`FINETUNE_EPOCHS`, :data:`FINETUNE_LR`): a tenth of the
 from-scratch learning rate and a few epochs (each member of a TB ensemble starts from its own
 initial member).
@@ -180,7 +182,9 @@ def init_from_config(init: dict[str, Any] | None) -> InitWeights | None:
 
 def check_compatible(init: InitWeights, *, arch: str | None = None, size: int | None = None,
                      members: int | None = None) -> None:
-    """Refuse a run that would change the architecture, input size or member count of its initial weights."""
+    """Refuse a run that would change the architecture, input size or member count of its initial weights.
+
+    Pass ``size=None`` where the input size may change (segmenters: fully convolutional)."""
     why = "fine-tuning keeps the architecture and input size of its initial weights"
     if arch is not None and arch != init.arch:
         raise InitError(f"--arch {arch} does not match the initial weights {init.ref} ({init.arch}): {why}; "
@@ -402,7 +406,9 @@ def model_card(meta: dict[str, Any], summary: dict[str, Any], metrics: dict[str,
         str(t.get("command") or ""),
         "```",
         "",
-        (f"Fine-tuned from {started}, keeping its architecture and input size. " if init else "")
+        (f"Fine-tuned from {started}, keeping its architecture"
+         + (f" (its input size was {init.get('input_size')} px). " if init.get("input_size") not in (None, meta.get("input_size"))
+            else " and input size. ") if init else "")
         + f"{cfg.get('epochs')} epoch(s){' per member' if not seg else ''}, batch {cfg.get('batch_size')}, AdamW "
         f"lr {cfg.get('lr')} ({'cosine' if seg else 'one-cycle'}), weight decay {cfg.get('weight_decay')}, "
         f"seed {cfg.get('seed')}, the augmentation of the shipped recipe (no flips). "

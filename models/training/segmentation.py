@@ -147,7 +147,7 @@ def train(cfg: SegConfig) -> dict[str, Any]:
         raise ValueError(f"unknown arch {cfg.arch!r}")
     init = finetune.init_from_config(cfg.init)
     if init is not None:
-        finetune.check_compatible(init, arch=cfg.arch, size=cfg.size)
+        finetune.check_compatible(init, arch=cfg.arch)  # fully convolutional: cfg.size may differ from init.size
     extra = mix.ExtraSpec(cfg.extra, cfg.extra_fraction, cfg.extra_min_quality) if cfg.extra else None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

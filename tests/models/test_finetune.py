@@ -179,7 +179,7 @@ def common_arrays(folder: Path, split: str):
 @pytest.mark.parametrize("argv, message", [
     (["segmentation", "--init", UNET, "--arch", "resunet"], f"--arch resunet does not match the initial weights {UNET} (unet)"),
     (["segmentation", "--init", "{shipped_unet_json}", "--arch", "resunet"], "--arch resunet does not match"),
-    (["segmentation", "--init", "shipped", "--size", "128"], f"--size 128 does not match the initial weights {UNET} (256 px)"),
+    (["tb", "--init", "shipped", "--size", "128"], f"--size 128 does not match the initial weights {TB} (224 px)"),
     (["tb", "--init", "shipped", "--arch", "densenet121"], f"--arch densenet121 does not match the initial weights {TB}"),
     (["tb", "--init", "shipped", "--members", "2"], f"--members 2 does not match the initial weights {TB} (5 members)"),
     (["segmentation", "--init", TB], f"{TB} is a tb model, not a segmentation model"),
@@ -379,3 +379,32 @@ def test_cli_finetune_register_subprocess(base_dir, extra_dir, tmp_path):
     entry = ModelRegistry(reg_dir).entry(match.group(1))
     entry.verify()
     assert entry.data_summary()["extra"]["fraction"] == 0.3
+
+
+def test_a_segmenter_may_be_fine_tuned_at_another_size(fixture_dir, tmp_path):
+    """Fully convolutional: the shipped 256 px UNet starts a 128 px run (the multi-scale start of a larger
+    or smaller network size); the sidecar, the card and the loaded model take the new size."""
+    out = tmp_path / "run"
+    assert main(["train", "segmentation", "--data", str(fixture_dir), "--init", "shipped", "--size", "128",
+                 "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--out", str(out)]) == 0
+    meta = json.loads((out / "lung-unet.json").read_text())
+    assert meta["input_size"] == 128 and meta["training"]["config"]["size"] == 128
+    assert meta["training"]["init"]["input_size"] == 256 and meta["training"]["init"]["ref"] == UNET
+    assert "--size 128" in meta["training"]["command"]
+    card = finetune.model_card(meta, finetune.data_summary(meta), finetune.metrics_of(meta), "lung-unet")
+    assert "its input size was 256 px" in card
+    # the node's path runs it at its own size and maps the lungs back to the image's
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for f in [*out.glob("lung-unet.*"), *registry.WEIGHTS_DIR.glob("tb-scorer.*")]:
+        shutil.copy(f, weights)
+    sums = registry.read_sums(registry.WEIGHTS_DIR) | registry.read_sums(out)  # the new lung-unet's line wins
+    registry.write_sums(weights, sums)
+    registry.clear_cache()
+    from models.inference import LungAnalyzer
+
+    analyzer = LungAnalyzer.load("unet", "cpu", weights)
+    image = data.load_image(fixture_dir / "images" / "CHNCXR_0005_0.png")
+    assert analyzer.seg_size == 128
+    assert analyzer.analyze(image).lung_mask.shape == image.shape
+    registry.clear_cache()
