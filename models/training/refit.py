@@ -25,8 +25,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from models import metrics, networks, registry
 from models.training import common, mix, tb
 
@@ -116,12 +114,11 @@ def attach_operating_point(scorer_dir: Path, cross_fit_dir: Path, data: str, out
     loaded = registry.load(registry.TB_FILE, str(dev), Path(scorer_dir))
     scored = networks.Calibrated(loaded.net, slope, intercept)
     x_va, y_va = tb._inputs(rows["val"], seg, int(seg.meta["input_size"]), dev, int(scorer["input_size"]))
-    report, _, _ = tb.tb_report(scored, {mix.BASE: (x_va, y_va)}, dev, threshold)
+    report, _, scores = tb.tb_report(scored, {mix.BASE: (x_va, y_va)}, dev, threshold)
     cf_training = cross_fit["training"]
     oof = dict(cf_training["cross_fit"])
     if len(y_va) and 0 < y_va.sum() < len(y_va):
-        scores = 1 / (1 + np.exp(-tb.predict_logits(scored, x_va, dev)))
-        val_cal = metrics.calibration(y_va, scores)
+        val_cal = metrics.calibration(y_va, scores)  # the scores the report's figures were taken at
         oof["val_ece"], oof["val_brier"] = val_cal["ece"], val_cal["brier"]
     base = report[mix.BASE]
     source = {"name": cross_fit["name"], "version": cross_fit["version"], "sha256": cross_fit["sha256"],
