@@ -16,19 +16,15 @@ import io
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 from pydicom import dcmread
 
-from tests.dicom_factory import make_dx
 from tests.viewer.ohif import ohif_url
 from tests.viewer.test_ohif_quality_check import sr_comments
 from tests.viewer.test_ohif_results import (
-    SOURCE_PNG,
     assert_clean,
     node,  # noqa: F401  (its fixture, used here too)
-    route_and_wait,
+    route_source_dx,
 )
 
 pytestmark = pytest.mark.e2e
@@ -42,13 +38,10 @@ def unmeasurable_case(viewer_pacs, request: pytest.FixtureRequest,
                       tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, tuple[str, bytes]]]:
     """(source dataset, its results in the viewer's PACS) for a DX without any pixel spacing."""
     request.getfixturevalue("node")  # the node the PACS routes to (test_ohif_results' fixture)
-    folder = tmp_path_factory.mktemp("no-spacing")
-    pixels = np.asarray(Image.open(SOURCE_PNG).convert("L"))
-    ds = make_dx(pixels, view_position="PA", patient_orientation=("L", "F"), size=SIZE, pixel_spacing=None)
+    ds, results = route_source_dx(viewer_pacs, tmp_path_factory.mktemp("no-spacing"), "no-spacing", size=SIZE,
+                                  pixel_spacing=None)
     assert "ImagerPixelSpacing" not in ds and "PixelSpacing" not in ds
-    path = folder / "no-spacing.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return ds, route_and_wait(viewer_pacs, path, ds.StudyInstanceUID)
+    return ds, results
 
 
 def test_sr_shows_why_the_lung_areas_are_missing_beside_the_tb_score(viewer_pacs, drive, unmeasurable_case,

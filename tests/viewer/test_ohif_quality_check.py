@@ -26,18 +26,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 from pydicom import dcmread
 
 from node.dicom import SECONDARY_CAPTURE
 from node.results.picture import QUALITY_CHECK
-from tests.dicom_factory import make_dx
 from tests.viewer.ohif import ohif_url, viewport_pixels
 from tests.viewer.test_ohif_results import (
-    SOURCE_PNG,
     assert_clean,
     node,  # noqa: F401  (its fixture, used here too)
-    route_and_wait,
+    route_source_dx,
 )
 
 pytestmark = pytest.mark.e2e
@@ -50,12 +47,7 @@ def inverted_case(viewer_pacs, request: pytest.FixtureRequest,
                   tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, tuple[str, bytes]]]:
     """(source dataset, its results in the viewer's PACS) for a radiograph stored inverted."""
     request.getfixturevalue("node")  # the node the PACS routes to (test_ohif_results' fixture)
-    folder = tmp_path_factory.mktemp("inverted")
-    pixels = np.asarray(Image.open(SOURCE_PNG).convert("L"))
-    ds = make_dx(255 - pixels, view_position="PA", patient_orientation=("L", "F"), size=SIZE)
-    path = folder / "inverted.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return ds, route_and_wait(viewer_pacs, path, ds.StudyInstanceUID)
+    return route_source_dx(viewer_pacs, tmp_path_factory.mktemp("inverted"), "inverted", invert=True, size=SIZE)
 
 
 def sr_comments(sr: Any) -> list[str]:

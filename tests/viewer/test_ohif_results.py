@@ -88,6 +88,17 @@ def build_case(case: tuple, tmp_path: Path) -> tuple[Any, Path]:
     return ds, path
 
 
+def route_source_dx(pacs: Orthanc, folder: Path, name: str, invert: bool = False,
+                    **dx_options: Any) -> tuple[Any, dict[str, tuple[str, bytes]]]:
+    """The source radiograph as a PA DX (``make_dx`` with ``dx_options``; ``invert``: stored inverted),
+    saved in ``folder`` and routed through the node: (dataset, its results as :func:`route_and_wait` gives them)."""
+    pixels = np.asarray(Image.open(SOURCE_PNG).convert("L"))
+    ds = make_dx(255 - pixels if invert else pixels, view_position="PA", patient_orientation=("L", "F"), **dx_options)
+    path = folder / f"{name}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return ds, route_and_wait(pacs, path, ds.StudyInstanceUID)
+
+
 def series_uid(pacs: Orthanc, series_id: str) -> str:
     return str(pacs.get(f"/series/{series_id}")["MainDicomTags"]["SeriesInstanceUID"])
 
