@@ -402,15 +402,31 @@ def mask_roundtrip(mask: np.ndarray, size: int) -> np.ndarray:
 TB_CROP_MARGIN = 0.08
 
 
+#: The TB crop is at least this many pixels on each side (a sliver of "lung" would not resample).
+TB_CROP_MIN_SIDE = 8
+
+
+def _widen(lo: int, hi: int, extent: int, side: int) -> tuple[int, int]:
+    """[lo, hi) grown about its centre to at least ``side`` pixels, kept inside [0, extent)."""
+    side = min(side, extent)
+    if hi - lo >= side:
+        return lo, hi
+    lo = max(0, min((lo + hi - side) // 2, extent - side))
+    return lo, lo + side
+
+
 def lung_bbox(mask: np.ndarray, margin: float = TB_CROP_MARGIN) -> tuple[int, int, int, int]:
-    """(r0, r1, c0, c1) of the mask's bounding box plus a margin; whole image if empty."""
+    """(r0, r1, c0, c1) of the mask's bounding box plus a margin, at least ``TB_CROP_MIN_SIDE``
+    pixels a side (a segmentation of a few pixels still gives a crop); whole image if empty."""
     h, w = mask.shape
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if rows.size == 0:
         return 0, h, 0, w
     r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     mr, mc = round((r1 - r0) * float(margin)), round((c1 - c0) * float(margin))
-    return max(0, r0 - mr), min(h, r1 + mr), max(0, c0 - mc), min(w, c1 + mc)
+    r0, r1 = _widen(max(0, r0 - mr), min(h, r1 + mr), h, TB_CROP_MIN_SIDE)
+    c0, c1 = _widen(max(0, c0 - mc), min(w, c1 + mc), w, TB_CROP_MIN_SIDE)
+    return r0, r1, c0, c1
 
 
 def tb_input(net_image: np.ndarray, lung_prob: np.ndarray, size: int) -> np.ndarray:

@@ -390,3 +390,20 @@ def test_prune_is_a_subset_and_keeps_the_guard_share(seed):
     r = transforms.split_lungs(m)
     assert not (r.lung & ~fill_holes(m)).any()
     assert not (r.image_left & r.image_right).any()
+
+
+def test_a_sliver_of_lung_still_gives_a_tb_crop():
+    """A segmentation of one or two pixels (a radiograph that is not a chest) used to fail the TB
+    crop ("image is too small"); the crop is now at least TB_CROP_MIN_SIDE a side, inside the image."""
+    image = np.random.default_rng(0).random((256, 256)).astype(np.float32)
+    for rows, cols in [((100, 101), (100, 102)), ((0, 1), (0, 1)), ((255, 256), (254, 256))]:
+        mask = np.zeros((256, 256), bool)
+        mask[rows[0]:rows[1], cols[0]:cols[1]] = True
+        r0, r1, c0, c1 = transforms.lung_bbox(mask)
+        assert r1 - r0 == transforms.TB_CROP_MIN_SIDE and c1 - c0 == transforms.TB_CROP_MIN_SIDE
+        assert 0 <= r0 <= rows[0] and rows[1] <= r1 <= 256 and 0 <= c0 <= cols[0] and cols[1] <= c1 <= 256
+        x = transforms.tb_input_for_lungs(image, mask, 224)
+        assert x.shape == (2, 224, 224) and np.isfinite(x).all() and x[1].max() > 0
+    big = np.zeros((256, 256), bool)
+    big[40:200, 30:120] = True  # a real-sized lung keeps the box plus margin exactly
+    assert transforms.lung_bbox(big) == (40 - 13, 200 + 13, 30 - 7, 120 + 7)
