@@ -161,6 +161,8 @@ def generated_card(meta: dict[str, Any], data_summary: dict[str, Any], metrics: 
     ]
     if meta.get("segmenter_used_for_training"):
         lines.append(f"| lungs from | {meta['segmenter_used_for_training']} |")
+    if meta.get("calibrated_on_lungs_of"):
+        lines.append(f"| calibrated on lungs of | {meta['calibrated_on_lungs_of']} |")
     lines += ["", "## How it was trained", ""]
     if training.get("command"):
         lines += ["```", str(training["command"]), "```", ""]

@@ -15,13 +15,14 @@ import argparse
 import json
 import math
 import shlex
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ARCHS = ("unet", "resunet")
 TB_ARCHS = ("smallcnn", "densenet121", "resnet18")
 _TRAIN_FLAGS = ("data", "arch", "epochs", "size", "batch_size", "lr", "seed", "device", "out", "resume", "limit")
-SEG_FLAGS = _TRAIN_FLAGS
+SEG_FLAGS = _TRAIN_FLAGS + ("select", "ignore_disputed")
 TB_FLAGS = _TRAIN_FLAGS + ("members", "folds", "refit", "shift_copies", "p_shift", "shifts", "segmenter_arch", "segmenter_dir")
 #: From-scratch defaults (``--init`` switches epochs and lr to the fine-tune defaults of
 #: :mod:`models.training.finetune`, and arch/size/members to those of the initial weights).
@@ -181,6 +182,9 @@ def _strict(obj: Any) -> Any:
 
 def _train_segmentation(args: argparse.Namespace) -> int:
     _check_data(args.data)
+    if args.ignore_disputed and not args.init:
+        raise _fail("--ignore-disputed needs --init: the initial weights are the yardstick that tells the two "
+                    "mask conventions apart")
     plan = _Plan(args, "segmentation")
     from models.training.segmentation import SegConfig, train
 
@@ -189,12 +193,16 @@ def _train_segmentation(args: argparse.Namespace) -> int:
                     resume=args.resume, limit=args.limit, version=plan.version,
                     init=plan.init.as_dict() if plan.init else None, extra=args.extra,
                     extra_fraction=args.extra_fraction, extra_min_quality=args.extra_min_quality,
+                    select=args.select, ignore_disputed=args.ignore_disputed,
                     command=_command_line(["train", "segmentation"], args, plan.names(SEG_FLAGS, args)))
     meta = train(cfg)
+    conv = meta["training"].get("conventions")
     return plan.finish(args, meta, cfg.out,
                        f"wrote {Path(cfg.out) / meta['weights_file']} ({meta['name']} {meta['version']}, sha256 "
-                       f"{meta['sha256'][:12]}…); best val Dice at network size "
-                       f"{meta['training']['best_val_dice_network_size']:.4f}")
+                       f"{meta['sha256'][:12]}…); {'last' if cfg.select == 'last' else 'best'} epoch's val Dice at "
+                       f"network size {meta['training']['best_val_dice_network_size']:.4f}"
+                       + (f"; {conv['masks_includes_retrocardiac']} of {conv['masks']} training masks drawn with the "
+                          "retrocardiac lung: their disputed region carried no loss" if conv else ""))
 
 
 def _tb_config(args: argparse.Namespace, plan: _Plan) -> Any:
@@ -287,22 +295,27 @@ def _calibrate(args: argparse.Namespace) -> int:
     from models.training.finetune import check_version
     from models.training.refit import attach_operating_point
 
-    command = _command_line(["calibrate"], args, ("scorer", "cross_fit", "data", "device", "segmenter_dir", "out", "version"))
+    command = _command_line(["calibrate"], args, ("scorer", "cross_fit", "data", "device", "segmenter_dir", "lungs_from",
+                                                  "out", "version"))
     meta = attach_operating_point(Path(args.scorer), Path(args.cross_fit), args.data, Path(args.out),
                                   version=check_version(args.version), device=args.device,
                                   segmenter_dir=Path(args.segmenter_dir) if args.segmenter_dir else None,
-                                  command=command)
+                                  command=command, lungs_dir=Path(args.lungs_from) if args.lungs_from else None)
     t = meta["training"]
+    lungs = meta.get("calibrated_on_lungs_of")
     if args.json:
         print(json.dumps(_strict({"weights": str(Path(args.out) / meta["weights_file"]), "name": meta["name"],
                                   "version": meta["version"], "sha256": meta["sha256"], "threshold": meta["threshold"],
-                                  "calibration": meta["calibration"], "val": t["val"], "cross_fit": t["cross_fit"]}),
+                                  "calibration": meta["calibration"], "val": t["val"], "cross_fit": t["cross_fit"],
+                                  **({"calibrated_on_lungs_of": lungs} if lungs else {})}),
                          indent=2, sort_keys=True))
         return 0
     val = t["val"]["base"]
     print(f"wrote {Path(args.out) / meta['weights_file']} ({meta['name']} {meta['version']}: the networks of "
           f"{t['operating_point']['networks']['version']}, threshold {meta['threshold']:.4f} and calibration from "
-          f"{t['operating_point']['refit_of']['version']}); val AUC {val['auc']}, sensitivity {val['sensitivity']}, "
+          f"{t['operating_point']['refit_of']['version']}"
+          + (f"'s members, re-scored out of fold on the lungs of {lungs} (val too)" if lungs else "")
+          + f"); val AUC {val['auc']}, sensitivity {val['sensitivity']}, "
           f"specificity {val['specificity']}, ECE {t['cross_fit'].get('val_ece')}")
     return 0
 
@@ -366,6 +379,13 @@ def register(subparsers: Any) -> None:
     seg.add_argument("--arch", choices=ARCHS, default=None,
                      help="unet (default) or resunet; with --init: that of the initial weights "
                           "(with --init shipped: which shipped segmenter to start from)")
+    seg.add_argument("--select", choices=("val", "last"), default="val",
+                     help="which epoch to export: val = best val Dice (default; val then chose it), last = the last "
+                          "epoch (val is only logged, so it stays an honest check)")
+    seg.add_argument("--ignore-disputed", action="store_true",
+                     help="with --init: training masks that draw the lung behind the heart (labelled by the initial "
+                          "weights, cut-off from the Montgomery training masks) carry no loss in that disputed region, "
+                          "so the network follows the NLM convention deliberately (models/conventions.py)")
     seg.set_defaults(func=_guard(_train_segmentation))
     tb = tsub.add_parser("tb", help="train the TB scorer")
     _common_train(tb, epochs=40, size=224, batch=16, lr=1e-3, finetune_lr=1e-4,
@@ -406,6 +426,10 @@ def register(subparsers: Any) -> None:
     cal.add_argument("--version", required=True, help="the new model's version")
     cal.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     cal.add_argument("--segmenter-dir", help="folder holding the segmenter the scorer was trained with (default: shipped)")
+    cal.add_argument("--lungs-from", metavar="DIR",
+                     help="folder holding a new segmenter of the recipe's architecture (lung-<arch>.*): the "
+                          "calibration and threshold are fitted again on the cross-fit members' out-of-fold scores "
+                          "on its lungs, and val is reported on them (the networks stay; for shipping a new segmenter)")
     cal.add_argument("--json", action="store_true", help="print JSON instead of a line")
     cal.set_defaults(func=_guard(_calibrate))
     ev = subparsers.add_parser("evaluate", help="evaluate the shipped models on a data folder")

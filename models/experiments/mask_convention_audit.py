@@ -5,14 +5,13 @@ The two sources annotate differently. Montgomery's NLM masks exclude the lung be
 A segmenter that follows one convention loses on every mask of the other, so the Shenzhen Dice
 and the worst cases mix model error with annotation convention. This audit separates the two.
 
-Rule: run the shipped segmenter through the node's own code and measure, per reference mask, the
-share of the reference lung in the image's right half (the patient's left lung, where the heart
-is) that the segmentation leaves out. Montgomery's masks define the NLM convention, so the cut-off
-is derived from them alone: ``CUTOFF_FACTOR`` times the 95th percentile of that share on the
-Montgomery training masks. A mask above the cut-off is labelled ``includes_retrocardiac``. The
-yardstick is the segmenter itself, so a case where the segmenter misses lower left lung for
-another reason is labelled the same way: read the labels as "disagrees with the NLM convention
-behind the heart", and look at the pictures (``cxrnode evaluate --overlays``) before trusting one.
+Rule (:mod:`models.conventions`, shared with ``cxrnode train segmentation --ignore-disputed``):
+run the shipped segmenter through the node's own code and measure, per reference mask, the share
+of the reference lung in the image's right half (the patient's left lung, where the heart is)
+that the segmentation leaves out; the cut-off comes from the Montgomery training masks alone. A
+mask above it is labelled ``includes_retrocardiac``. The yardstick is the segmenter itself, so
+read the labels as "disagrees with the NLM convention behind the heart", and look at the pictures
+(``cxrnode evaluate --overlays``) before trusting one.
 
     python -m models.experiments.mask_convention_audit --data ../shared/data [--arch unet] [--json] [--csv FILE]
 
@@ -31,25 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from models import data, metrics
+from models import conventions, data, metrics
 from models.inference import LungAnalyzer
 
-#: The cut-off is this many times the Montgomery training masks' 95th percentile.
-CUTOFF_FACTOR = 2.0
-NLM, INCLUDES = "nlm", "includes_retrocardiac"
-
-
-def missed_heart_side_share(prediction: np.ndarray, reference: np.ndarray) -> float:
-    """Share of the reference lung in the image's right half that ``prediction`` leaves out,
-    relative to the whole reference lung (0 when the reference is empty)."""
-    prediction, reference = np.asarray(prediction, bool), np.asarray(reference, bool)
-    if prediction.shape != reference.shape or reference.ndim != 2:
-        raise ValueError(f"masks must be 2-D and the same shape, got {prediction.shape} and {reference.shape}")
-    total = int(reference.sum())
-    if total == 0:
-        return 0.0
-    half = reference.shape[1] // 2
-    return float((reference[:, half:] & ~prediction[:, half:]).sum() / total)
+NLM, INCLUDES = conventions.NLM, conventions.INCLUDES
+#: Kept under the audit's name; the rule lives in :mod:`models.conventions`.
+missed_heart_side_share = conventions.missed_heart_side_share
 
 
 def audit(data_dir: str | Path, arch: str = "unet", device: str = "cpu") -> dict[str, Any]:
@@ -64,12 +50,14 @@ def audit(data_dir: str | Path, arch: str = "unet", device: str = "cpu") -> dict
         rows.append({"case_id": case.case_id, "source": case.source, "split": case.split,
                      "dice": metrics.dice(result.lung_mask, reference),
                      "missed_share": missed_heart_side_share(result.lung_mask, reference)})
-    defining = [r["missed_share"] for r in rows if r["source"] == "montgomery" and r["split"] in ("train", None)]
-    if not defining:
-        raise ValueError(f"no Montgomery training masks in {data_dir}: they define the NLM convention's cut-off")
-    cutoff = CUTOFF_FACTOR * float(np.percentile(defining, 95))
+    training = [r for r in rows if r["split"] in ("train", None)]
+    try:
+        cutoff = conventions.cutoff([r["missed_share"] for r in training], [r["source"] for r in training])
+    except ValueError as exc:
+        raise ValueError(f"{data_dir}: {exc}") from None
+    n_defining = sum(r["source"] == conventions.DEFINING_SOURCE for r in training)
     for r in rows:
-        r["convention"] = INCLUDES if r["missed_share"] > cutoff else NLM
+        r["convention"] = conventions.label(r["missed_share"], cutoff)
     groups: dict[str, Any] = {}
     for key in sorted({(r["source"], r["split"] or "all") for r in rows}):
         sel = [r for r in rows if (r["source"], r["split"] or "all") == key]
@@ -79,8 +67,8 @@ def audit(data_dir: str | Path, arch: str = "unet", device: str = "cpu") -> dict
             entry[conv] = {"masks": len(d), "dice_mean": float(np.mean(d)) if d else None,
                            "dice_min": float(np.min(d)) if d else None}
         groups[f"{key[0]}/{key[1]}"] = entry
-    return {"arch": arch, "cutoff": cutoff, "cutoff_rule": f"{CUTOFF_FACTOR} x the 95th percentile of the missed share "
-            f"on {len(defining)} Montgomery training masks", "groups": groups, "cases": rows}
+    return {"arch": arch, "cutoff": cutoff, "cutoff_rule": f"{conventions.CUTOFF_FACTOR} x the 95th percentile of the missed share "
+            f"on {n_defining} Montgomery training masks", "groups": groups, "cases": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'source/split':<20} {'masks':>5} {'NLM':>5} {'Dice':>7} {'incl.':>5} {'Dice':>7}")
     for key, g in result["groups"].items():
         a, b = g[NLM], g[INCLUDES]
-        fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
+        fmt = lambda v: f"{v:.4f}" if v is not None else "-"
         print(f"{key:<20} {g['masks']:>5} {a['masks']:>5} {fmt(a['dice_mean']):>7} {b['masks']:>5} {fmt(b['dice_mean']):>7}")
     return 0
 

@@ -14,6 +14,16 @@ and threshold, reporting the validation split at that threshold, which chose not
 The calibration was fitted on single members' out-of-fold logits and is applied to the refit
 ensemble's mean logit; members trained on more cases may be a little more confident, so the
 validation ECE and the sensitivity at the threshold are the check that this carries over.
+
+A new lung segmenter (``lungs_dir``, ``cxrnode calibrate --lungs-from DIR``) changes the TB input
+(:func:`models.transforms.tb_input`: the crop and the mask channel follow the segmenter's lungs), so
+the scores of networks trained on the old segmenter's lungs shift, and the calibration and
+threshold fitted on them no longer hold. The networks can stay; the operating point is derived again, still out of
+fold and without the validation split: the training split's folds are dealt again exactly as
+:func:`models.training.tb.train` dealt them (same cases, order, fold count and seed), each case is
+scored on the new segmenter's lungs by the cross-fit member that never saw it, and Platt scaling
+and the threshold are fitted on those logits (:func:`models.training.tb.cross_fit_calibration`).
+The validation split is then reported on the new segmenter's lungs, as the node will see them.
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from models import metrics, networks, registry
 from models.training import common, mix, tb
@@ -85,10 +97,73 @@ def check_pair(scorer: dict[str, Any], cross_fit: dict[str, Any]) -> None:
         raise ValueError(f"{_ref(scorer)} is not a refit of {_ref(cross_fit)}'s recipe: " + "; ".join(sorted(problems)))
 
 
+def _lungs_segmenter(lungs_dir: Path, recipe: dict[str, Any], trained_on: str, device: Any) -> registry.LoadedModel:
+    """The segmenter in ``lungs_dir`` whose lungs the operating point is derived on: of the recipe's
+    segmenter architecture (the networks were trained on such a segmenter's lungs), and not the one
+    they were trained on (its lungs are those the cross-fit's calibration was already fitted on)."""
+    arch = recipe["segmenter_arch"]
+    stem = registry.SEGMENTER_FILES[arch]
+    if not (lungs_dir / f"{stem}.json").is_file():
+        others = [f"{a} ({s}.*)" for a, s in registry.SEGMENTER_FILES.items() if (lungs_dir / f"{s}.json").is_file()]
+        raise ValueError(f"--lungs-from {lungs_dir} holds no {stem}.*"
+                         + (f" but a segmenter of another architecture: {', '.join(others)}" if others else "")
+                         + f"; the recipe's segmenter_arch is {arch}: the new lungs must come from a {arch}")
+    seg = registry.load(stem, str(device), lungs_dir)
+    if seg.meta.get("kind") != "segmentation" or seg.meta.get("arch") != arch:
+        raise ValueError(f"--lungs-from {lungs_dir}: {stem}.json describes a {seg.meta.get('kind')} model of arch "
+                         f"{seg.meta.get('arch')!r}; the recipe's segmenter_arch is {arch}")
+    name = seg.identity.name + " " + seg.identity.version
+    if name == trained_on:
+        raise ValueError(f"--lungs-from {lungs_dir} holds {name}, the segmenter the networks were trained on: the "
+                         "cross-fit's calibration and threshold were fitted on its lungs already, so --lungs-from "
+                         "is pointless (leave it out)")
+    return seg
+
+
+def _cross_fit_members(cross_fit_dir: Path, cross_fit: dict[str, Any], device: Any) -> list[Any]:
+    """The cross-fitted run's members in fold order (member k trained without fold k), uncalibrated:
+    the calibration is what is being fitted again."""
+    net = registry.load(registry.TB_FILE, str(device), cross_fit_dir).net
+    if isinstance(net, networks.Calibrated):
+        net = net.net
+    members = list(net.members) if isinstance(net, networks.Ensemble) else [net]
+    folds = int(cross_fit["training"]["config"]["folds"])
+    if len(members) != folds:
+        raise ValueError(f"--cross-fit {_ref(cross_fit)} has {len(members)} members for {folds} folds: "
+                         "cross-fitting trains one member per fold")
+    return members
+
+
+def _out_of_fold(cross_fit_dir: Path, cross_fit: dict[str, Any], train_rows: list, seg: registry.LoadedModel,
+                 size: int, target: float, device: Any) -> dict[str, Any]:
+    """:func:`models.training.tb.cross_fit_calibration` of the cross-fit members' out-of-fold logits on
+    ``seg``'s lungs. The labelled training cases, their order and their folds are those
+    :func:`models.training.tb.train` used (same split, fold count and seed), so with the segmenter the
+    networks were trained on this reproduces the cross-fit's own calibration and threshold."""
+    config = cross_fit["training"]["config"]
+    members = _cross_fit_members(cross_fit_dir, cross_fit, device)
+    x, y = tb._inputs(train_rows, seg, int(seg.meta["input_size"]), device, size)
+    stored = cross_fit["training"]["cross_fit"].get("oof") or {}
+    if (len(y), int(y.sum())) != (stored.get("n"), stored.get("n_tb")):
+        raise ValueError(f"the training split has {len(y)} labelled cases ({int(y.sum())} TB); the out-of-fold "
+                         f"scores of --cross-fit {_ref(cross_fit)} covered {stored.get('n')} "
+                         f"({stored.get('n_tb')} TB): not the same training split")
+    fold = tb.assign_folds(y, [c.source for c in tb._labelled(train_rows)], int(config["folds"]), int(config["seed"]))
+    oof = np.zeros(len(y), np.float32)
+    for k, member in enumerate(members):
+        oof[fold == k] = tb.predict_logits(member, x[fold == k], device)
+    return tb.cross_fit_calibration(y, oof, target)
+
+
 def attach_operating_point(scorer_dir: Path, cross_fit_dir: Path, data: str, out: Path, *, version: str,
-                           device: str = "auto", segmenter_dir: Path | None = None, command: str = "") -> dict[str, Any]:
+                           device: str = "auto", segmenter_dir: Path | None = None, command: str = "",
+                           lungs_dir: Path | None = None) -> dict[str, Any]:
     """Write ``out``/tb-scorer.* : the networks of ``scorer_dir`` with the calibration and threshold
-    of ``cross_fit_dir``, and the validation split's figures at that threshold. Returns the sidecar."""
+    of ``cross_fit_dir``, and the validation split's figures at that threshold. Returns the sidecar.
+
+    With ``lungs_dir`` (a folder holding another segmenter of the recipe's architecture), the
+    calibration and threshold are fitted again on the cross-fit members' out-of-fold logits on that
+    segmenter's lungs, and the validation split is reported on them (see the module doc)."""
     scorer, cross_fit = registry.verify(registry.TB_FILE, Path(scorer_dir)), registry.verify(registry.TB_FILE, Path(cross_fit_dir))
     check_pair(scorer, cross_fit)
     if str(version) == str(scorer["version"]):
@@ -104,43 +179,60 @@ def attach_operating_point(scorer_dir: Path, cross_fit_dir: Path, data: str, out
     if seg_name != scorer.get("segmenter_used_for_training"):
         raise ValueError(f"the segmenter found is {seg_name}, the scorer was trained on the lungs of "
                          f"{scorer.get('segmenter_used_for_training')}: name its folder with --segmenter-dir")
+    lungs = _lungs_segmenter(Path(lungs_dir), recipe, seg_name, dev) if lungs_dir is not None else None
     rows = {split: mix.read_split(data, split) for split in ("train", "val")}
     n_train = len(tb._labelled(rows["train"]))
     if n_train != scorer["training"].get("n_train"):
         raise ValueError(f"{data} has {n_train} labelled training cases; the scorer was trained on "
                          f"{scorer['training'].get('n_train')}: not the same training split")
-    slope, intercept = float(cross_fit["calibration"]["slope"]), float(cross_fit["calibration"]["intercept"])
-    threshold = float(cross_fit["threshold"])
+    cf_training = cross_fit["training"]
+    cf_ref = f"{cross_fit['name']} {cross_fit['version']}"
+    if lungs is None:
+        slope, intercept = float(cross_fit["calibration"]["slope"]), float(cross_fit["calibration"]["intercept"])
+        threshold = float(cross_fit["threshold"])
+        oof = dict(cf_training["cross_fit"])
+    else:
+        oof = _out_of_fold(Path(cross_fit_dir), cross_fit, rows["train"], lungs, int(scorer["input_size"]),
+                           float(recipe["target_sensitivity"]), dev)
+        slope, intercept, threshold = (float(oof.pop(k)) for k in ("slope", "intercept", "threshold"))
+    lungs_seg = lungs if lungs is not None else seg  # the val split is reported on the lungs the node will see
     loaded = registry.load(registry.TB_FILE, str(dev), Path(scorer_dir))
     scored = networks.Calibrated(loaded.net, slope, intercept)
-    x_va, y_va = tb._inputs(rows["val"], seg, int(seg.meta["input_size"]), dev, int(scorer["input_size"]))
+    x_va, y_va = tb._inputs(rows["val"], lungs_seg, int(lungs_seg.meta["input_size"]), dev, int(scorer["input_size"]))
     report, _, scores = tb.tb_report(scored, {mix.BASE: (x_va, y_va)}, dev, threshold)
-    cf_training = cross_fit["training"]
-    oof = dict(cf_training["cross_fit"])
     if len(y_va) and 0 < y_va.sum() < len(y_va):
         val_cal = metrics.calibration(y_va, scores)  # the scores the report's figures were taken at
         oof["val_ece"], oof["val_brier"] = val_cal["ece"], val_cal["brier"]
     base = report[mix.BASE]
     source = {"name": cross_fit["name"], "version": cross_fit["version"], "sha256": cross_fit["sha256"],
               "folds": cf_training["config"]["folds"], "command": cf_training.get("command")}
+    operating_point: dict[str, Any] = {"command": command, "refit_of": source,
+                                       "networks": {"version": scorer["version"], "sha256": scorer["sha256"]}}
+    fitted_on = (f"out-of-fold logits of the {oof['oof']['n']} labelled training cases "
+                 f"({source['folds']}-fold cross-fitting) of {cf_ref} (sha256 {cross_fit['sha256'][:12]}…)")
+    threshold_rule = f"{cf_training['threshold_rule']}; taken from the cross-fitted run {cf_ref} of the same recipe"
+    if lungs is not None:
+        lungs_name = lungs.identity.name + " " + lungs.identity.version
+        operating_point["lungs_from"] = {"name": lungs.identity.name, "version": lungs.identity.version,
+                                         "sha256": lungs.identity.sha256}
+        fitted_on += (f", recomputed on the lungs of {lungs_name} (sha256 {lungs.identity.sha256[:12]}…) "
+                      f"instead of those of {seg_name} the networks were trained on")
+        threshold_rule = (f"{cf_training['threshold_rule']}; the out-of-fold logits of the cross-fitted run {cf_ref} "
+                          f"of the same recipe recomputed on the lungs of {lungs_name}")
     training = dict(scorer["training"])
     training.update({
         "val_auc": base["auc"], "val_sensitivity": base["sensitivity"], "val_specificity": base["specificity"],
-        "val": report, "cross_fit": oof,
-        "threshold_rule": f"{cf_training['threshold_rule']}; taken from the cross-fitted run "
-                          f"{cross_fit['name']} {cross_fit['version']} of the same recipe",
-        "operating_point": {"command": command, "refit_of": source,
-                            "networks": {"version": scorer["version"], "sha256": scorer["sha256"]}},
+        "val": report, "cross_fit": oof, "threshold_rule": threshold_rule, "operating_point": operating_point,
     })
     meta = {k: v for k, v in scorer.items() if k not in ("calibration", "training")}
     meta.update({
         "version": str(version), "threshold": threshold, "training": training,
         "calibration": {"method": "platt", "slope": slope, "intercept": intercept,
-                        "fitted_on": f"out-of-fold logits of the {oof['oof']['n']} labelled training cases "
-                                     f"({source['folds']}-fold cross-fitting) of {cross_fit['name']} {cross_fit['version']} "
-                                     f"(sha256 {cross_fit['sha256'][:12]}…), applied to the mean logit of these "
-                                     f"{scorer['members']} members, trained on every training case by the same recipe"},
+                        "fitted_on": f"{fitted_on}, applied to the mean logit of these {scorer['members']} members, "
+                                     "trained on every training case by the same recipe"},
     })
+    if lungs is not None:  # segmenter_used_for_training stays: the networks were trained on its lungs
+        meta["calibrated_on_lungs_of"] = lungs_name
     registry.calibration_of(meta)  # validate before writing
     out.mkdir(parents=True, exist_ok=True)
     weights_file = scorer["weights_file"]
@@ -155,4 +247,3 @@ def attach_operating_point(scorer_dir: Path, cross_fit_dir: Path, data: str, out
     registry.write_sums(out, sums)
     registry.clear_cache()
     return meta
-

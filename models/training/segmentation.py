@@ -13,6 +13,17 @@ Fine-tuning (``init``, :mod:`models.training.finetune`) starts from verified exi
 logs their val Dice as epoch 0. An extra set (``extra``, :mod:`models.training.mix`) is mixed into
 every epoch in the given proportion; its val rows are validated next to the base val split, and
 the best epoch is chosen on the val cases whose mask a person drew (all val cases if none is).
+
+Epoch selection (``select``): ``val`` exports the epoch with the best val Dice (val then chose the
+epoch, so its figures are optimistic); ``last`` exports the last epoch and only logs val, so val
+chooses nothing and stays an honest check.
+
+Mask conventions (``ignore_disputed``, :mod:`models.conventions`): most reference masks leave the
+lung behind the heart out, some draw it. Trained on both, a network learns their average there by
+accident. With ``ignore_disputed`` the initial weights (``init``) are the NLM-convention yardstick:
+training masks they label ``includes_retrocardiac`` (the audit's rule, at network size, cut-off from
+the Montgomery training masks) carry no loss in the region the two conventions dispute, so the
+network follows one convention deliberately and the rest of those masks still teach it.
 """
 
 from __future__ import annotations
@@ -27,13 +38,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models import networks, registry
+from models import conventions, networks, registry
 from models.training import common, finetune, mix
-
 
 #: Default epochs per arch: each fits in about an hour on a 2-core CPU at 256 px, batch 8
 #: (measured: unet ~0.75 s, resunet ~3.7 s per batch of 8 with forward+backward).
 DEFAULT_EPOCHS = {"unet": 60, "resunet": 15}
+#: How the exported epoch is chosen: best val Dice, or the last epoch (val chooses nothing).
+SELECTIONS = ("val", "last")
 
 
 @dataclass
@@ -61,16 +73,62 @@ class SegConfig:
     extra_fraction: float = mix.DEFAULT_FRACTION
     extra_min_quality: float = mix.DEFAULT_MIN_QUALITY
     augment: dict[str, Any] = field(default_factory=lambda: asdict(common.AugmentConfig()))
+    #: ``val``: export the best val epoch; ``last``: the last epoch (val chooses nothing)
+    select: str = "val"
+    #: no loss in the disputed retrocardiac region of masks drawn the other way (needs ``init``)
+    ignore_disputed: bool = False
 
 
-def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE-with-logits plus (1 - soft Dice) per batch."""
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    p = torch.sigmoid(logits)
-    inter = (p * target).sum(dim=(1, 2, 3))
-    denom = p.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3))
+def seg_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE-with-logits plus (1 - soft Dice) per batch; ``weight`` (same shape, 0..1) leaves pixels
+    out of both terms (0 = no loss there)."""
+    if weight is None:
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+        p, t = torch.sigmoid(logits), target
+    else:
+        per_pixel = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        bce = (per_pixel * weight).sum() / weight.sum().clamp(min=1.0)
+        p, t = torch.sigmoid(logits) * weight, target * weight
+    inter = (p * t).sum(dim=(1, 2, 3))
+    denom = p.sum(dim=(1, 2, 3)) + t.sum(dim=(1, 2, 3))
     dice = (2 * inter + 1.0) / (denom + 1.0)
     return bce + (1 - dice).mean()
+
+
+def disputed_maps(net: torch.nn.Module, arrays: common.CaseArrays, device: torch.device) -> tuple[np.ndarray, dict[str, Any]]:
+    """Per training case, where its mask's convention is disputed (1 = no loss), with ``net`` (the
+    initial weights) as the NLM-convention yardstick; and a summary for the sidecar."""
+    probs = predict_probs(net, arrays.images, device)
+    pred, ref = probs >= 0.5, arrays.masks >= 0.5
+    has = arrays.has_mask
+    shares = [conventions.missed_heart_side_share(p, r) if h else 0.0 for p, r, h in zip(pred, ref, has)]
+    try:
+        cut = conventions.cutoff([s for s, h in zip(shares, has) if h], [src for src, h in zip(arrays.sources, has) if h])
+    except ValueError as exc:
+        raise ValueError(f"--ignore-disputed: {exc}") from None
+    ignore = np.zeros(arrays.masks.shape, np.float32)
+    labelled: list[str] = []
+    lung_share = []
+    for i, (share, h) in enumerate(zip(shares, has)):
+        if h and conventions.label(share, cut) == conventions.INCLUDES:
+            region = conventions.disputed_region(pred[i], ref[i])
+            ignore[i] = region
+            labelled.append(arrays.case_ids[i])
+            lung_share.append(float((region & ref[i]).sum() / max(1, ref[i].sum())))
+    by_source: dict[str, int] = {}
+    for cid, src in zip(arrays.case_ids, arrays.sources):
+        if cid in labelled:
+            by_source[src] = by_source.get(src, 0) + 1
+    summary = {
+        "rule": f"{conventions.CUTOFF_FACTOR} x the 95th percentile of the missed heart-side share over the "
+                f"{conventions.DEFINING_SOURCE} training masks, with the initial weights at network size; no loss in "
+                "the disputed region (reference lung on the heart side the initial weights leave out, grown 2 px) "
+                "of the masks above it",
+        "cutoff": cut, "masks": int(has.sum()), "masks_includes_retrocardiac": len(labelled), "by_source": by_source,
+        "disputed_share_of_their_lung_mean": float(np.mean(lung_share)) if lung_share else 0.0,
+        "case_ids": labelled,
+    }
+    return ignore, summary
 
 
 @torch.no_grad()
@@ -146,6 +204,11 @@ def train(cfg: SegConfig) -> dict[str, Any]:
     if cfg.arch not in networks.SEGMENTATION_ARCHS:
         raise ValueError(f"unknown arch {cfg.arch!r}")
     init = finetune.init_from_config(cfg.init)
+    if cfg.select not in SELECTIONS:
+        raise ValueError(f"select must be one of {SELECTIONS}, not {cfg.select!r}")
+    if cfg.ignore_disputed and init is None:
+        raise ValueError("--ignore-disputed needs --init: the initial weights are the yardstick that tells "
+                         "the two mask conventions apart")
     if init is not None:
         finetune.check_compatible(init, arch=cfg.arch)  # fully convolutional: cfg.size may differ from init.size
     extra = mix.ExtraSpec(cfg.extra, cfg.extra_fraction, cfg.extra_min_quality) if cfg.extra else None
@@ -182,6 +245,12 @@ def train(cfg: SegConfig) -> dict[str, Any]:
     elif n_base == 0:
         raise ValueError(f"no training cases with a mask in {cfg.data}")
     net = (finetune.build_initial(init) if init is not None else networks.build_segmenter(cfg.arch)).to(device)
+    ignore_maps, convention_summary = None, None
+    if cfg.ignore_disputed:  # before a resume loads later weights: the yardstick is the initial network
+        ignore_maps, convention_summary = disputed_maps(net, train_a, device)
+        tqdm.write(f"--ignore-disputed: {convention_summary['masks_includes_retrocardiac']} of "
+                   f"{convention_summary['masks']} training masks include the retrocardiac lung; their disputed "
+                   f"region carries no loss", file=sys.stderr)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs), eta_min=cfg.lr * 0.01)
     ckpt, log = out / "checkpoint.pt", common.JsonlLog(out / "train_log.jsonl")
@@ -202,6 +271,10 @@ def train(cfg: SegConfig) -> dict[str, Any]:
     both = mix.concat(train_a, extra_train) if extra is not None else train_a
     images = torch.from_numpy(both.images)[:, None]
     masks = torch.from_numpy(both.masks)[:, None]
+    ignore = None
+    if ignore_maps is not None:  # extra-set masks (pseudo labels of an NLM segmenter) are never disputed
+        ignore = torch.zeros_like(masks)
+        ignore[: len(ignore_maps), 0] = torch.from_numpy(ignore_maps)
     n_extra = len(extra_train.images) if extra is not None else 0
     fraction = extra.fraction if extra is not None else 0.0
     timer = common.Timer()
@@ -213,9 +286,14 @@ def train(cfg: SegConfig) -> dict[str, Any]:
         for i in bar:
             idx = order[i : i + cfg.batch_size]
             x, y = images[idx].to(device), masks[idx].to(device)
-            both_xy = common.random_affine(torch.cat([x, y], 1), aug, g)
-            x, y = common.random_intensity(both_xy[:, :1], aug, g), both_xy[:, 1:].clamp(0, 1)
-            loss = seg_loss(net(x), y)
+            if ignore is None:
+                both_xy = common.random_affine(torch.cat([x, y], 1), aug, g)
+                x, y = common.random_intensity(both_xy[:, :1], aug, g), both_xy[:, 1:].clamp(0, 1)
+                loss = seg_loss(net(x), y)
+            else:  # the ignore map moves with the mask
+                both_xy = common.random_affine(torch.cat([x, y, ignore[idx].to(device)], 1), aug, g)
+                x, y = common.random_intensity(both_xy[:, :1], aug, g), both_xy[:, 1:2].clamp(0, 1)
+                loss = seg_loss(net(x), y, weight=1 - both_xy[:, 2:].clamp(0, 1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -223,7 +301,7 @@ def train(cfg: SegConfig) -> dict[str, Any]:
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
         sched.step()
         vd, report = val_report(net, val_sets, device)
-        if np.isnan(vd) or vd > best:  # without a val split the last epoch is kept
+        if cfg.select == "last" or np.isnan(vd) or vd > best:  # without a val split the last epoch is kept
             best = vd if not np.isnan(vd) else best
             best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
             best_epoch, best_report = epoch + 1, report
@@ -249,6 +327,8 @@ def train(cfg: SegConfig) -> dict[str, Any]:
     meta["training"].update(
         init=init.as_dict() if init is not None else None, data=summary, val=best_report, val_initial=initial_report,
         best_epoch=best_epoch,
-        selection="mean val Dice over the cases with a manual mask" if has_human else "mean val Dice over all val cases",
+        selection=("the last epoch (val chose nothing; its Dice is only logged)" if cfg.select == "last" else
+                   "mean val Dice over the cases with a manual mask" if has_human else "mean val Dice over all val cases"),
+        conventions=convention_summary,
     )
     return registry.save(net.cpu(), meta, registry.SEGMENTER_FILES[cfg.arch], out)
