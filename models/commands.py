@@ -23,7 +23,8 @@ ARCHS = ("unet", "resunet")
 TB_ARCHS = ("smallcnn", "densenet121", "resnet18")
 _TRAIN_FLAGS = ("data", "arch", "epochs", "size", "batch_size", "lr", "seed", "device", "out", "resume", "limit")
 SEG_FLAGS = _TRAIN_FLAGS + ("select", "ignore_disputed")
-TB_FLAGS = _TRAIN_FLAGS + ("members", "folds", "refit", "shift_copies", "p_shift", "shifts", "segmenter_arch", "segmenter_dir")
+TB_FLAGS = _TRAIN_FLAGS + ("members", "folds", "refit", "shift_copies", "p_shift", "shifts", "segmenter_arch", "segmenter_dir",
+                          "also_lungs_from")
 #: From-scratch defaults (``--init`` switches epochs and lr to the fine-tune defaults of
 #: :mod:`models.training.finetune`, and arch/size/members to those of the initial weights).
 SCRATCH = {"segmentation": {"size": 256, "lr": 2e-3, "arch": "unet"},
@@ -50,7 +51,11 @@ def _command_line(words: list[str], args: argparse.Namespace, names: tuple[str, 
         value = getattr(args, name)
         if value is not None and value is not False:
             flag = "--" + name.replace("_", "-")
-            parts += [flag] if value is True else [flag, shlex.quote(str(value))]
+            if value is True:
+                parts.append(flag)
+            else:  # a repeatable option gives a list: one flag per value
+                for one in value if isinstance(value, (list, tuple)) else [value]:
+                    parts += [flag, shlex.quote(str(one))]
     return " ".join(parts)
 
 
@@ -212,7 +217,8 @@ def _tb_config(args: argparse.Namespace, plan: _Plan) -> Any:
     return TBConfig(data=args.data, arch=args.arch, members=args.members, epochs=args.epochs, size=args.size,
                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, out=args.out or "runs/tb",
                     resume=args.resume, limit=args.limit, segmenter_arch=args.segmenter_arch,
-                    segmenter_dir=args.segmenter_dir, folds=args.folds or 0, shift_copies=args.shift_copies or 0,
+                    segmenter_dir=args.segmenter_dir, folds=args.folds or 0,
+                    also_lungs=tuple(args.also_lungs_from or ()), shift_copies=args.shift_copies or 0,
                     p_shift=args.p_shift if args.p_shift is not None else (0.5 if args.shift_copies else 0.0),
                     shifts=tuple(n.strip() for n in args.shifts.split(",") if n.strip()) if args.shifts else (),
                     version=plan.version, init=plan.init.as_dict() if plan.init else None, extra=args.extra,
@@ -412,6 +418,10 @@ def register(subparsers: Any) -> None:
                     help="shifts to draw from (models.shifts; default: all of them)")
     tb.add_argument("--segmenter-arch", choices=ARCHS, default="unet", help="segmenter that finds the lungs")
     tb.add_argument("--segmenter-dir", help="folder holding that segmenter's weights (default: shipped)")
+    tb.add_argument("--also-lungs-from", action="append", metavar="ARCH|DIR",
+                    help="another segmenter (a shipped arch or a weights folder; repeatable) whose lungs a training "
+                         "sample is drawn from, uniformly with the main one's, so the scorer does not hang on one "
+                         "segmenter's outline; validation and the out-of-fold scores use the main segmenter's lungs")
     tb.set_defaults(func=_guard(_train_tb))
     cal = subparsers.add_parser(
         "calibrate", help="give a TB scorer trained on every training case the calibration and threshold of a "

@@ -43,7 +43,8 @@ from models.training import common, mix, tb
 #: TBConfig fields that make two runs the same recipe (members, folds, device, paths, version and
 #: the command line may differ; the segmenter is compared by name and version, not by folder).
 RECIPE = ("arch", "network", "epochs", "size", "batch_size", "lr", "weight_decay", "seed", "augment",
-          "segmenter_arch", "target_sensitivity", "shifts", "shift_copies", "p_shift", "init", "extra")
+          "segmenter_arch", "target_sensitivity", "shifts", "shift_copies", "p_shift", "init", "extra",
+          "also_lungs")
 #: Compared only when the runs mix in an extra set.
 _EXTRA_RECIPE = ("extra_fraction", "extra_min_quality")
 

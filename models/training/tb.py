@@ -88,6 +88,10 @@ class TBConfig:
     extra: str | None = None
     extra_fraction: float = mix.DEFAULT_FRACTION
     extra_min_quality: float = mix.DEFAULT_MIN_QUALITY
+    #: more segmenters (a shipped arch name or a weights folder) whose lungs a training sample is drawn
+    #: from, uniformly with the main one's: the scorer learns not to hang on one segmenter's outline
+    #: (validation, out-of-fold scores and the node use the main segmenter's lungs)
+    also_lungs: tuple[str, ...] = ()
     network: dict[str, Any] = field(default_factory=dict)
     augment: dict[str, Any] = field(
         default_factory=lambda: asdict(common.AugmentConfig(rotate_deg=10.0, scale=0.1, translate=0.06, noise_std=0.02))
@@ -156,6 +160,28 @@ def _check_shifts(cfg: TBConfig) -> tuple[str, ...]:
     for name in names:
         shifts.get(name)
     return names
+
+
+def load_also_lungs(refs: tuple[str, ...] | list[str], main: Any, device: torch.device) -> list[Any]:
+    """The segmenters of ``TBConfig.also_lungs``: a shipped arch name or a folder of weights; refuses
+    the main segmenter itself and repeats (they would only weight its lungs more)."""
+    out, seen = [], {main.identity.sha256}
+    for ref in refs:
+        if ref in registry.SEGMENTER_FILES:
+            seg = registry.load(registry.SEGMENTER_FILES[ref], str(device), registry.WEIGHTS_DIR)
+        else:
+            folder = Path(ref)
+            found = [s for s in registry.SEGMENTER_FILES.values() if (folder / f"{s}.json").is_file()]
+            if len(found) != 1:
+                raise ValueError(f"--also-lungs-from {ref}: not a shipped segmenter ({', '.join(registry.SEGMENTER_FILES)}) "
+                                 f"nor a folder holding exactly one lung-<arch>.* (found {len(found)})")
+            seg = registry.load(found[0], str(device), folder)
+        if seg.identity.sha256 in seen:
+            raise ValueError(f"--also-lungs-from {ref}: {seg.identity.name} {seg.identity.version} is already "
+                             "a source of lungs (the main segmenter or named twice)")
+        seen.add(seg.identity.sha256)
+        out.append(seg)
+    return out
 
 
 def _inputs(cases: list, seg: Any, seg_size: int, device: torch.device, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -261,6 +287,9 @@ def train(cfg: TBConfig) -> dict[str, Any]:
     seg_size = int(seg.meta["input_size"])
     base_rows = {split: mix.read_split(cfg.data, split, cfg.limit) for split in ("train", "val")}
     x_tr, y_tr = _inputs(base_rows["train"], seg, seg_size, device, cfg.size)
+    also = load_also_lungs(cfg.also_lungs, seg, device)
+    x_also = np.stack([_inputs(base_rows["train"], s, int(s.meta["input_size"]), device, cfg.size)[0]
+                       for s in also], 1) if also else None  # (N, len(also), 2, S, S); base training cases only
     fold = (assign_folds(y_tr, [c.source for c in _labelled(base_rows["train"])], cfg.folds, cfg.seed)
             if cfg.folds else None)
     x_shift, shift_counts = None, None
@@ -310,16 +339,18 @@ def train(cfg: TBConfig) -> dict[str, Any]:
         del initial
     x_all, y_all = torch.from_numpy(x_tr), torch.from_numpy(y_tr).float()
     xs_all = torch.from_numpy(x_shift) if x_shift is not None else None
+    xa_all = torch.from_numpy(x_also) if x_also is not None else None
     timer = common.Timer()
     while member < cfg.members:
         g = common.seed_everything(cfg.seed + member)
         if fold is None:
-            xt, yt, n_member, xs = x_all, y_all, n_base, xs_all
+            xt, yt, n_member, xs, xa = x_all, y_all, n_base, xs_all, xa_all
         else:  # this member never sees its fold of the base training cases (extra cases: always)
             mine = np.flatnonzero(fold != member)
             keep = torch.from_numpy(np.concatenate([mine, np.arange(n_base, len(y_all))]))
             xt, yt, n_member = x_all[keep], y_all[keep], len(mine)
             xs = xs_all[torch.from_numpy(mine)] if xs_all is not None else None
+            xa = xa_all[torch.from_numpy(mine)] if xa_all is not None else None
         epoch_len = sum(mix.epoch_sizes(n_member, n_extra, fraction).values())
         net = networks.build_tb_scorer(cfg.arch, **cfg.network).to(device)
         if states is not None:
@@ -345,6 +376,12 @@ def train(cfg: TBConfig) -> dict[str, Any]:
                 if len(idx) < 2:
                     continue  # batch norm needs more than one sample
                 x = xt[idx]
+                if xa is not None:  # base cases take the lungs of a segmenter drawn uniformly (0 = the main one)
+                    pick = torch.randint(xa.shape[1] + 1, (len(idx),), generator=g)
+                    rows = torch.nonzero((pick > 0) & (idx < n_member)).reshape(-1)
+                    if len(rows):
+                        x = x.clone()
+                        x[rows] = xa[idx[rows], pick[rows] - 1]
                 if xs is not None:  # base cases (index < n_member) may be swapped for a shifted version
                     swap = (torch.rand(len(idx), generator=g) < cfg.p_shift) & (idx < n_member)
                     if swap.any():
@@ -418,8 +455,9 @@ def train(cfg: TBConfig) -> dict[str, Any]:
         "members": len(members), "input_size": cfg.size, "threshold": threshold,
         "input": "lung-cropped image + lung mask (models.transforms.tb_input)",
         "segmenter_used_for_training": seg.identity.name + " " + seg.identity.version,
+        **({"also_lungs_of": [s.identity.name + " " + s.identity.version for s in also]} if also else {}),
         **({"calibration": calibration} if calibration is not None else {}),
-        "training": {"command": cfg.command, "config": asdict(cfg), "n_train": int(len(y_tr)), "n_val": int(len(y_va)),
+        "training": {"command": cfg.command, "config": asdict(cfg), "n_train": len(y_tr), "n_val": len(y_va),
                      "val_auc": _auc(y_va, val_logits), "val_sensitivity": sens, "val_specificity": spec,
                      "threshold_rule": rule + (" (base and extra val cases together)"
                                                if extra is not None and cross_fit is None else ""),
