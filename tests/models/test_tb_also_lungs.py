@@ -44,8 +44,10 @@ def test_training_samples_draw_their_lungs_from_both_segmenters(fixture_dir: Pat
     drawn = [source(x) for x in seen]
     assert set(drawn) == {"unet", "resunet"}
     meta = json.loads((out / "tb-scorer.json").read_text())
-    assert meta["also_lungs_of"] == ["cxrnode-lung-resunet 1.0.0"]
-    assert meta["segmenter_used_for_training"] == "cxrnode-lung-unet 1.0.0"
+    shipped = {arch: f"cxrnode-lung-{arch} {registry.read_meta(registry.SEGMENTER_FILES[arch])['version']}"
+               for arch in ("unet", "resunet")}
+    assert meta["also_lungs_of"] == [shipped["resunet"]]
+    assert meta["segmenter_used_for_training"] == shipped["unet"]
     assert meta["training"]["config"]["also_lungs"] == ["resunet"]
     assert "--also-lungs-from resunet" in meta["training"]["command"]
 

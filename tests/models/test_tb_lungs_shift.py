@@ -30,7 +30,8 @@ def test_the_cross_fits_own_member_as_challenger_gives_the_same_figures(fixture_
                                 str(cross_fit / "checkpoint.pt"), "--fold", "1", *lungs]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["fold"] == 1 and result["n"] == 3 and result["reference_lungs"] == "unet"
-    assert result["lungs"] == {"unet": "cxrnode-lung-unet 1.0.0", "resunet": "cxrnode-lung-resunet 1.0.0"}
+    assert result["lungs"] == {arch: f"cxrnode-lung-{arch} {registry.read_meta(registry.SEGMENTER_FILES[arch])['version']}"
+                               for arch in ("unet", "resunet")}
     a, b = result["cross-fit"], result["challenger"]
     # the exported member is the checkpoint's, stored in float16: the figures agree
     assert a["threshold"] == pytest.approx(b["threshold"], abs=1e-3)
