@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from models import metrics, networks, registry
-from models.training import common, mix, tb
+from models.training import common, mix, refit, tb
 
 TARGET_SENSITIVITY = 0.90
 
@@ -36,12 +36,8 @@ def _segmenter(spec: str) -> tuple[str, Any]:
     name, sep, folder = spec.partition("=")
     if not sep or not name or not folder:
         raise ValueError(f"--lungs {spec!r}: expected NAME=DIR")
-    if name in registry.SEGMENTER_FILES:
-        return name, registry.load(registry.SEGMENTER_FILES[name], "cpu", Path(folder))
-    found = [s for s in registry.SEGMENTER_FILES.values() if (Path(folder) / f"{s}.json").is_file()]
-    if len(found) != 1:
-        raise ValueError(f"--lungs {spec!r}: {folder} must hold exactly one lung-<arch>.* (found {len(found)})")
-    return name, registry.load(found[0], "cpu", Path(folder))
+    arch = name if name in registry.SEGMENTER_FILES else None
+    return name, tb.segmenter_in(Path(folder), "cpu", f"--lungs {spec!r}", arch=arch)
 
 
 def _members(cross_fit_dir: Path, fold: int, challenger: Path) -> tuple[dict[str, Any], dict[str, torch.nn.Module]]:
@@ -51,8 +47,7 @@ def _members(cross_fit_dir: Path, fold: int, challenger: Path) -> tuple[dict[str
         raise ValueError(f"--cross-fit {cross_fit_dir} is not a cross-fitted run (train tb --folds K)")
     if not 0 <= fold < int(config["folds"]):
         raise ValueError(f"--fold {fold}: the cross-fit has folds 0..{int(config['folds']) - 1}")
-    net = registry.load(registry.TB_FILE, "cpu", cross_fit_dir).net
-    net = net.net if isinstance(net, networks.Calibrated) else net
+    fold_member = refit.cross_fit_members(cross_fit_dir, meta, "cpu")[fold]
     state = common.load_checkpoint(challenger)
     done = state.get("done") or []
     if len(done) <= fold:
@@ -63,7 +58,7 @@ def _members(cross_fit_dir: Path, fold: int, challenger: Path) -> tuple[dict[str
                          f"({other.get('folds')}, {other.get('seed')} vs {config['folds']}, {config['seed']})")
     member = networks.build_tb_scorer(other.get("arch", "smallcnn"), **(other.get("network") or {}))
     member.load_state_dict(done[fold])
-    return config, {"cross-fit": net.members[fold].float(), "challenger": member}
+    return config, {"cross-fit": fold_member.float(), "challenger": member}
 
 
 def run(data_dir: str, cross_fit_dir: Path, challenger: Path, fold: int, lungs: list[str]) -> dict[str, Any]:
@@ -75,20 +70,18 @@ def run(data_dir: str, cross_fit_dir: Path, challenger: Path, fold: int, lungs: 
     if len(segs) != len(lungs):
         raise ValueError("--lungs names must differ")
     dev = torch.device("cpu")
-    rows = mix.read_split(data_dir, "train")
-    size = int(config.get("size", 224))
-    inputs, labels = {}, None
-    for name, seg in segs.items():
-        inputs[name], labels = tb._inputs(rows, seg, int(seg.meta["input_size"]), dev, size)
-    assert labels is not None
-    folds = tb.assign_folds(labels, [c.source for c in tb._labelled(rows)], int(config["folds"]), int(config["seed"]))
-    held = folds == fold
+    rows = tb._labelled(mix.read_split(data_dir, "train"))
+    labels = np.array([c.tb_label for c in rows], dtype=np.int64)
+    held = tb.folds_of(rows, labels, int(config["folds"]), int(config["seed"])) == fold
+    held_rows = [c for c, h in zip(rows, held) if h]  # only the fold's cases are segmented and scored
     y = labels[held]
+    size = int(config.get("size", 224))
+    inputs = {name: tb._inputs(held_rows, seg, int(seg.meta["input_size"]), dev, size)[0] for name, seg in segs.items()}
     ref = next(iter(segs))
     out: dict[str, Any] = {"fold": fold, "n": int(held.sum()), "n_tb": int(y.sum()), "reference_lungs": ref,
                            "lungs": {n: f"{s.identity.name} {s.identity.version}" for n, s in segs.items()}}
     for who, member in members.items():
-        logits = {n: tb.predict_logits(member, x[held], dev) for n, x in inputs.items()}
+        logits = {n: tb.predict_logits(member, x, dev) for n, x in inputs.items()}
         scores = {n: 1 / (1 + np.exp(-v)) for n, v in logits.items()}
         threshold = metrics.threshold_for_sensitivity(y, scores[ref], TARGET_SENSITIVITY)
         entry: dict[str, Any] = {"threshold": float(threshold)}

@@ -121,7 +121,7 @@ def _lungs_segmenter(lungs_dir: Path, recipe: dict[str, Any], trained_on: str, d
     return seg
 
 
-def _cross_fit_members(cross_fit_dir: Path, cross_fit: dict[str, Any], device: Any) -> list[Any]:
+def cross_fit_members(cross_fit_dir: Path, cross_fit: dict[str, Any], device: Any) -> list[Any]:
     """The cross-fitted run's members in fold order (member k trained without fold k), uncalibrated:
     the calibration is what is being fitted again."""
     net = registry.load(registry.TB_FILE, str(device), cross_fit_dir).net
@@ -142,14 +142,14 @@ def _out_of_fold(cross_fit_dir: Path, cross_fit: dict[str, Any], train_rows: lis
     :func:`models.training.tb.train` used (same split, fold count and seed), so with the segmenter the
     networks were trained on this reproduces the cross-fit's own calibration and threshold."""
     config = cross_fit["training"]["config"]
-    members = _cross_fit_members(cross_fit_dir, cross_fit, device)
+    members = cross_fit_members(cross_fit_dir, cross_fit, device)
     x, y = tb._inputs(train_rows, seg, int(seg.meta["input_size"]), device, size)
     stored = cross_fit["training"]["cross_fit"].get("oof") or {}
     if (len(y), int(y.sum())) != (stored.get("n"), stored.get("n_tb")):
         raise ValueError(f"the training split has {len(y)} labelled cases ({int(y.sum())} TB); the out-of-fold "
                          f"scores of --cross-fit {_ref(cross_fit)} covered {stored.get('n')} "
                          f"({stored.get('n_tb')} TB): not the same training split")
-    fold = tb.assign_folds(y, [c.source for c in tb._labelled(train_rows)], int(config["folds"]), int(config["seed"]))
+    fold = tb.folds_of(train_rows, y, int(config["folds"]), int(config["seed"]))
     oof = np.zeros(len(y), np.float32)
     for k, member in enumerate(members):
         oof[fold == k] = tb.predict_logits(member, x[fold == k], device)

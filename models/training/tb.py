@@ -162,20 +162,27 @@ def _check_shifts(cfg: TBConfig) -> tuple[str, ...]:
     return names
 
 
+def segmenter_in(folder: Path, device: torch.device | str, what: str, arch: str | None = None) -> Any:
+    """The segmenter in ``folder``: that of ``arch`` when given, else the only one there (refused,
+    naming ``what``, when the folder holds none or several)."""
+    if arch is None:
+        found = [s for s in registry.SEGMENTER_FILES.values() if (Path(folder) / f"{s}.json").is_file()]
+        if len(found) != 1:
+            raise ValueError(f"{what}: {folder} must hold exactly one lung-<arch>.* (found {len(found)})")
+        return registry.load(found[0], str(device), Path(folder))
+    return registry.load(registry.SEGMENTER_FILES[arch], str(device), Path(folder))
+
+
 def load_also_lungs(refs: tuple[str, ...] | list[str], main: Any, device: torch.device) -> list[Any]:
     """The segmenters of ``TBConfig.also_lungs``: a shipped arch name or a folder of weights; refuses
     the main segmenter itself and repeats (they would only weight its lungs more)."""
     out, seen = [], {main.identity.sha256}
     for ref in refs:
         if ref in registry.SEGMENTER_FILES:
-            seg = registry.load(registry.SEGMENTER_FILES[ref], str(device), registry.WEIGHTS_DIR)
+            seg = segmenter_in(registry.WEIGHTS_DIR, device, "--also-lungs-from", arch=ref)
         else:
-            folder = Path(ref)
-            found = [s for s in registry.SEGMENTER_FILES.values() if (folder / f"{s}.json").is_file()]
-            if len(found) != 1:
-                raise ValueError(f"--also-lungs-from {ref}: not a shipped segmenter ({', '.join(registry.SEGMENTER_FILES)}) "
-                                 f"nor a folder holding exactly one lung-<arch>.* (found {len(found)})")
-            seg = registry.load(found[0], str(device), folder)
+            seg = segmenter_in(Path(ref), device, f"--also-lungs-from {ref} (not a shipped segmenter: "
+                                                  f"{', '.join(registry.SEGMENTER_FILES)})")
         if seg.identity.sha256 in seen:
             raise ValueError(f"--also-lungs-from {ref}: {seg.identity.name} {seg.identity.version} is already "
                              "a source of lungs (the main segmenter or named twice)")
@@ -214,6 +221,12 @@ def tb_report(net: torch.nn.Module, sets: dict[str, tuple[np.ndarray, np.ndarray
         report[name] = {"n": len(y), "n_tb": int(y.sum()), "auc": None if np.isnan(auc) else auc,
                         "sensitivity": sens, "specificity": spec}
     return report, labels[-1], scores[-1]
+
+
+def folds_of(cases: list, labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """:func:`assign_folds` of the labelled ``cases`` (``labels`` in their order), as training deals
+    them; the refit and the experiments call this too, so they re-deal exactly the same folds."""
+    return assign_folds(labels, [c.source for c in _labelled(cases)], k, seed)
 
 
 def assign_folds(labels: np.ndarray, sources: list[str], k: int, seed: int) -> np.ndarray:
@@ -290,8 +303,7 @@ def train(cfg: TBConfig) -> dict[str, Any]:
     also = load_also_lungs(cfg.also_lungs, seg, device)
     x_also = np.stack([_inputs(base_rows["train"], s, int(s.meta["input_size"]), device, cfg.size)[0]
                        for s in also], 1) if also else None  # (N, len(also), 2, S, S); base training cases only
-    fold = (assign_folds(y_tr, [c.source for c in _labelled(base_rows["train"])], cfg.folds, cfg.seed)
-            if cfg.folds else None)
+    fold = folds_of(base_rows["train"], y_tr, cfg.folds, cfg.seed) if cfg.folds else None
     x_shift, shift_counts = None, None
     if shift_names:  # only the base training cases get shifted copies
         x_shift, drawn = shifted_inputs(base_rows["train"], seg, seg_size, device, cfg.size, shift_names,
