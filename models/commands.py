@@ -187,9 +187,6 @@ def _strict(obj: Any) -> Any:
 
 def _train_segmentation(args: argparse.Namespace) -> int:
     _check_data(args.data)
-    if args.ignore_disputed and not args.init:
-        raise _fail("--ignore-disputed needs --init: the initial weights are the yardstick that tells the two "
-                    "mask conventions apart")
     plan = _Plan(args, "segmentation")
     from models.training.segmentation import SegConfig, train
 

@@ -109,16 +109,14 @@ def disputed_maps(net: torch.nn.Module, arrays: common.CaseArrays, device: torch
     ignore = np.zeros(arrays.masks.shape, np.float32)
     labelled: list[str] = []
     lung_share = []
+    by_source: dict[str, int] = {}
     for i, (share, h) in enumerate(zip(shares, has)):
         if h and conventions.label(share, cut) == conventions.INCLUDES:
             region = conventions.disputed_region(pred[i], ref[i])
             ignore[i] = region
             labelled.append(arrays.case_ids[i])
             lung_share.append(float((region & ref[i]).sum() / max(1, ref[i].sum())))
-    by_source: dict[str, int] = {}
-    for cid, src in zip(arrays.case_ids, arrays.sources):
-        if cid in labelled:
-            by_source[src] = by_source.get(src, 0) + 1
+            by_source[arrays.sources[i]] = by_source.get(arrays.sources[i], 0) + 1
     summary = {
         "rule": f"{conventions.CUTOFF_FACTOR} x the 95th percentile of the missed heart-side share over the "
                 f"{conventions.DEFINING_SOURCE} training masks, with the initial weights at network size; no loss in "
